@@ -1,0 +1,131 @@
+"""The ``exitserve`` command. Each subcommand imports its package lazily, so ``serve``
+never pulls in PyTorch and ``--help`` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+DEFAULT_CHECKPOINT = "models/weights/msdnet_fmnist.pt"
+
+
+def _json_dict(text: str) -> dict:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from models.train import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train a multi-exit model with the joint exit loss")
+    p.add_argument("--model", default=d.model, help="registered model name (see `exitserve models`)")
+    p.add_argument("--dataset", default=d.dataset, choices=["fashion-mnist", "cifar10", "cifar100", "image-folder"])
+    p.add_argument("--data-dir", default=None, help="dataset folder (default for fashion-mnist: Debian's)")
+    p.add_argument("--out", default=d.out, help="checkpoint path; PATH.resume holds the resume state")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--exit-weights", type=_float_list, default=None, help="comma-separated, one per exit")
+    p.add_argument("--distill", type=float, default=d.distill, help="0 disables distillation from the last exit")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--crop-padding", type=int, default=None)
+    p.add_argument("--no-hflip", dest="hflip", action="store_false")
+    p.add_argument("--erasing", type=float, default=d.erasing, help="random-erasing probability")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="0 disables the weight average")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--steps-per-epoch", type=int, default=None)
+    p.add_argument("--model-config", type=_json_dict, default={}, help='JSON overrides, e.g. \'{"nBlocks": 4}\'')
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from models.train import TrainConfig, train
+
+    fields = TrainConfig.__dataclass_fields__
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    checkpoint = train(cfg)
+    _print_exit_table(checkpoint["exits"], "test_accuracy")
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="per-exit accuracy of a checkpoint on the official test set")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
+    p.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from models.checkpoint import load_checkpoint, model_from_checkpoint
+    from models.data import load_splits
+    from models.evaluate import exit_accuracies
+    from models.preprocess import Preprocessing
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(checkpoint)
+    prep = Preprocessing(**checkpoint["preprocessing"])
+    dataset = checkpoint["dataset"]["name"]
+    test = load_splits(dataset, args.data_dir, prep.size).test
+    accuracies = exit_accuracies(model, test, prep, progress=not args.json)
+    exits = [
+        {"index": e["index"], "name": e["name"], "accuracy": acc, "flops": e["flops"], "params": e["params"]}
+        for e, acc in zip(checkpoint["exits"], accuracies)
+    ]
+    if args.json:
+        print(json.dumps({"checkpoint": args.checkpoint, "model": checkpoint["model"], "dataset": dataset,
+                          "test_images": len(test), "exits": exits}, indent=2))
+    else:
+        _print_exit_table(exits, "accuracy")
+    return 0
+
+
+def _print_exit_table(exits: list[dict], accuracy_key: str) -> None:
+    full = exits[-1]["flops"]
+    print(f"{'exit':>4}  {'name':<14} {'accuracy':>9} {'MFLOPs':>8} {'of full':>8} {'params':>9}")
+    for e in exits:
+        acc = e.get(accuracy_key)
+        acc_text = f"{100 * acc:8.2f}%" if acc is not None else "       -"
+        print(f"{e['index']:>4}  {e['name']:<14} {acc_text} {e['flops'] / 1e6:8.2f} "
+              f"{100 * e['flops'] / full:7.1f}% {e['params'] / 1e6:8.2f}M")
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the registered model builders")
+    p.set_defaults(handler=lambda args: print("\n".join(__import__("models.registry").registry.list_models())) or 0)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_evaluate, _add_models]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exitserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except (ValueError, KeyError, FileNotFoundError, TypeError) as exc:
+        print(f"exitserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from exitserve.cli import main as cli
+from models.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from models.train import JointExitLoss, Trainer, TrainConfig
+
+SMALL = {"nBlocks": 2, "nChannels": 8, "growthRate": 4}
+
+
+def small_config(out: Path, **overrides) -> TrainConfig:
+    values = dict(out=str(out), epochs=2, steps_per_epoch=25, batch_size=32, model_config=SMALL, threads=1)
+    return TrainConfig(**{**values, **overrides})
+
+
+def fixed_batch_loss(trainer: Trainer) -> float:
+    x = trainer.prep.normalize(trainer.splits.train.images[:256])
+    y = torch.from_numpy(trainer.splits.train.labels[:256])
+    trainer.model.eval()
+    with torch.no_grad():
+        return JointExitLoss([1.0, 1.0], 0.0, 1.0)(trainer.model(x), y).item()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float, float]:
+    out = tmp_path_factory.mktemp("train") / "small.pt"
+    trainer = Trainer(small_config(out))
+    before = fixed_batch_loss(trainer)
+    trainer.run()
+    after = fixed_batch_loss(trainer)
+    return out, before, after
+
+
+def test_short_training_lowers_the_loss(trained: tuple[Path, float, float]) -> None:
+    _, before, after = trained
+    assert after < 0.8 * before
+
+
+def test_checkpoint_carries_everything_and_round_trips(trained: tuple[Path, float, float]) -> None:
+    path, _, _ = trained
+    checkpoint = load_checkpoint(path)
+    assert checkpoint["labels"][0] == "T-shirt/top"
+    prep = checkpoint["preprocessing"]
+    assert (prep["channels"], prep["size"]) == (1, 28) and len(prep["mean"]) == 1
+    assert [e["index"] for e in checkpoint["exits"]] == [0, 1]
+    assert all(0 <= e["test_accuracy"] <= 1 and e["flops"] > 0 for e in checkpoint["exits"])
+    assert checkpoint["training"]["epochs_done"] == 2
+    assert not path.with_name(path.name + ".resume").exists()
+    model = model_from_checkpoint(checkpoint)
+    x = torch.randn(4, 1, 28, 28)
+    reloaded = model_from_checkpoint(load_checkpoint(path))
+    with torch.no_grad():
+        for a, b in zip(model(x), reloaded(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_evaluate_json(trained: tuple[Path, float, float], capsys: pytest.CaptureFixture) -> None:
+    path, _, _ = trained
+    assert cli(["evaluate", "--checkpoint", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [set(e) >= {"index", "accuracy", "flops"} for e in report["exits"]] == [True, True]
+    stored = load_checkpoint(path)["exits"]
+    assert [e["accuracy"] for e in report["exits"]] == pytest.approx([e["test_accuracy"] for e in stored])
+
+
+def test_resume_continues_from_the_last_epoch(tmp_path: Path) -> None:
+    out = tmp_path / "resume.pt"
+    first = Trainer(small_config(out, epochs=2, steps_per_epoch=5))
+    first.train_epoch(0)
+    first.history.append({"epoch": 1, "holdout": {"raw": [0.1, 0.1]}})
+    first._save(0)
+    second = Trainer(small_config(out, epochs=2, steps_per_epoch=5))
+    assert second.try_resume() and second.start_epoch == 1
+    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert second.scheduler.last_epoch == first.scheduler.last_epoch == 5
+    other = Trainer(small_config(out, epochs=2, steps_per_epoch=5, lr=0.05))
+    with pytest.raises(ValueError, match="another configuration"):
+        other.try_resume()
+
+
+def test_bad_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+        load_checkpoint(bad)
+    torch.save({"weights": 1}, bad)
+    assert cli(["evaluate", "--checkpoint", str(bad)]) == 2
+    assert "not an exitserve checkpoint" in capsys.readouterr().err
+
+
+def test_conflicting_model_config_raises(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="conflicts with dataset"):
+        Trainer(small_config(tmp_path / "x.pt", model_config={**SMALL, "in_channels": 3}))
