@@ -102,12 +102,112 @@ def _print_exit_table(exits: list[dict], accuracy_key: str) -> None:
               f"{100 * e['flops'] / full:7.1f}% {e['params'] / 1e6:8.2f}M")
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="checkpoint -> model repository (per-stage ONNX, manifest, parity gate)")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    p.add_argument("--out", required=True, help="model folder to write, e.g. model_repository/msdnet_fmnist")
+    p.add_argument("--data-dir", default=None, help="dataset folder for the parity images")
+    p.add_argument("--parity-images", type=int, default=512)
+    p.add_argument("--fp16", action="store_true", help="half-precision graphs (for the CUDA provider)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from exporter.export import export_repository
+
+    manifest, parity = export_repository(
+        args.checkpoint, args.out, data_dir=args.data_dir, parity_images=args.parity_images,
+        fp16=args.fp16, opset=args.opset, overwrite=args.overwrite,
+    )
+    worst = max(e.max_abs_diff for e in parity.exits)
+    print(f"wrote {args.out}: {manifest.num_exits} stages, parity on {parity.images} images "
+          f"max |diff| {worst:.2e} (tolerance {parity.tolerance:g})")
+    for stage in manifest.stages:
+        lat = stage.latency
+        print(f"  {stage.file}  exit {stage.exit_name:<14} cost {100 * stage.cost_fraction:5.1f}%  "
+              f"batch1 {lat.batch_1_ms:.3f} ms  batch64 {lat.batch_64_ms:.2f} ms ({lat.provider})")
+    return 0
+
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="budget-aware exit thresholds from the held-out split")
+    p.add_argument("--repository", required=True, help="model folder written by `exitserve export`")
+    p.add_argument("--rule", default="max_softmax", choices=["max_softmax", "entropy", "margin"])
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--no-report", dest="report", action="store_false", help="skip the test-set report")
+    p.set_defaults(handler=_run_calibrate)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from exporter.calibrate import calibrate_repository
+
+    calibration, report = calibrate_repository(args.repository, rule=args.rule, data_dir=args.data_dir,
+                                               report=args.report)
+    print(f"wrote {args.repository}/calibration.json: {len(calibration.curve)} budgets, rule {calibration.rule}")
+    if report:
+        print(f"{'budget':>7} {'method':>9} {'held-out acc':>12} {'test acc':>9} {'test cost':>9}")
+        for p in report["curve"]:
+            print(f"{p['budget']:7.3f} {p['method']:>9} {100 * p['expected_accuracy']:11.2f}% "
+                  f"{100 * p['test']['accuracy']:8.2f}% {p['test']['cost']:9.3f}")
+        oracle = report["oracle"]
+        print(f"oracle: {100 * oracle['accuracy']:.2f}% at cost {oracle['cost']:.3f}; "
+              f"plot: {args.repository}/calibration_report.png")
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model repository over HTTP (POST /classify)")
+    p.add_argument("--model-repository", default=None,
+                   help="folder of model folders (default: model_repository/, built from the default model)")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--default-budget", type=float, default=None)
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from server.app import create_app
+    from server.settings import DEFAULT_MODEL, Settings
+
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "default_budget": args.default_budget,
+                                   "model_repository": args.model_repository}.items() if v is not None}
+    settings = Settings(**overrides)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.model_repository is None:
+        _ensure_default_repository(settings.model_repository / DEFAULT_MODEL)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
+                access_log=False)
+    return 0
+
+
+def _ensure_default_repository(folder) -> None:
+    """First start without a repository: export and calibrate the committed default model."""
+    if (folder / "manifest.json").is_file() and (folder / "calibration.json").is_file():
+        return
+    print(f"{folder} is missing: exporting and calibrating {DEFAULT_CHECKPOINT} (once, about a minute)",
+          file=sys.stderr)
+    from exporter.calibrate import calibrate_repository
+    from exporter.export import export_repository
+
+    export_repository(DEFAULT_CHECKPOINT, folder, overwrite=True)
+    calibrate_repository(folder, report=True)
+
+
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the registered model builders")
     p.set_defaults(handler=lambda args: print("\n".join(__import__("models.registry").registry.list_models())) or 0)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_evaluate, _add_models]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_train, _add_evaluate, _add_export, _add_calibrate, _add_serve, _add_models,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except (ValueError, KeyError, FileNotFoundError, TypeError) as exc:
+    except (ValueError, KeyError, FileNotFoundError, TypeError, RuntimeError, OSError) as exc:
         print(f"exitserve {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

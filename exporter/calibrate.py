@@ -1,0 +1,198 @@
+"""``exitserve calibrate``: budget-aware thresholds from the held-out split.
+
+Every exit's confidence and correctness is recorded for every held-out image (never the
+test set) by running the repository's own ONNX stages. For each budget (mean cost per
+image as a fraction of the full network) we keep the best held-out accuracy among
+
+* the MSDNet reference method: exit fractions from a geometric distribution, thresholds
+  read off the sorted confidences (``reference_thresholds``);
+* a direct search: coordinate ascent over each exit's threshold on a quantile grid,
+  started from the best reference point (``search_thresholds``);
+* every single exit used alone.
+
+Budget 1.0 is pinned to the full network (every image to the last exit), so "budget 1.0"
+always means the plain, full-depth model.
+
+The test set is only used afterwards, to report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from models.data import load_splits
+from server.policy import ALWAYS, NEVER, ExitTable, confidence
+from server.preprocess import normalize
+from server.repository import BudgetPoint, Calibration, ConfidenceRule, Manifest, load_manifest, write_json
+from server.runtime import StagedModel
+
+GEOMETRIC_RATIOS = np.round(np.arange(0.02, 2.0, 0.02), 4)
+QUANTILES = np.linspace(0.0, 1.0, 101)
+BUDGET_POINTS = 41
+
+
+@dataclass
+class Candidate:
+    thresholds: np.ndarray
+    accuracy: float
+    cost: float
+    method: str
+
+    def better_than(self, other: "Candidate | None") -> bool:
+        if other is None:
+            return True
+        return (self.accuracy, -self.cost) > (other.accuracy, -other.cost)
+
+
+def reference_thresholds(table: ExitTable, exit_fractions: np.ndarray) -> np.ndarray:
+    """The MSDNet reference's rule: walking the exits in order, exit k takes the
+    ``floor(n * p_k)`` most confident images not yet taken; its threshold is the
+    confidence of the last one it takes."""
+    k_exits, n = table.conf.shape
+    taken = np.zeros(n, dtype=bool)
+    thresholds = np.full(k_exits, NEVER)
+    for k in range(k_exits - 1):
+        want = int(np.floor(n * exit_fractions[k]))
+        order = np.argsort(-table.conf[k], kind="stable")
+        available = order[~taken[order]]
+        if want >= 1 and len(available) >= want:
+            thresholds[k] = table.conf[k, available[want - 1]]
+        taken |= table.conf[k] >= thresholds[k]
+    thresholds[-1] = ALWAYS
+    return thresholds
+
+
+def geometric_fractions(ratio: float, k_exits: int) -> np.ndarray:
+    p = ratio ** np.arange(1, k_exits + 1, dtype=np.float64)
+    return p / p.sum()
+
+
+def reference_candidates(table: ExitTable) -> list[Candidate]:
+    out = []
+    for ratio in GEOMETRIC_RATIOS:
+        t = reference_thresholds(table, geometric_fractions(float(ratio), table.num_exits))
+        acc, cost, _ = table.evaluate(t)
+        out.append(Candidate(t, acc, cost, "reference"))
+    return out
+
+
+def static_candidates(table: ExitTable) -> list[Candidate]:
+    out = []
+    for k in range(table.num_exits):
+        t = table.static(k)
+        acc, cost, _ = table.evaluate(t)
+        out.append(Candidate(t, acc, cost, "static"))
+    return out
+
+
+def threshold_grid(table: ExitTable) -> list[np.ndarray]:
+    """Per exit: confidence quantiles plus 'never leave here'."""
+    return [np.unique(np.append(np.quantile(table.conf[k], QUANTILES), NEVER)) for k in range(table.num_exits - 1)]
+
+
+def search_thresholds(table: ExitTable, budget: float, start: Candidate, grid: list[np.ndarray], rounds: int = 4) -> Candidate:
+    """Coordinate ascent: change one exit's threshold at a time, keep the best feasible."""
+    best = start
+    for _ in range(rounds):
+        improved = False
+        for k in range(table.num_exits - 1):
+            for value in grid[k]:
+                t = best.thresholds.copy()
+                t[k] = value
+                acc, cost, _ = table.evaluate(t)
+                trial = Candidate(t, acc, cost, "search")
+                if cost <= budget + 1e-12 and trial.better_than(best):
+                    best, improved = trial, True
+        if not improved:
+            break
+    return best
+
+
+def best_within(candidates: list[Candidate], budget: float) -> Candidate | None:
+    best = None
+    for c in candidates:
+        if c.cost <= budget + 1e-12 and c.better_than(best):
+            best = c
+    return best
+
+
+def budget_grid(costs: np.ndarray, points: int = BUDGET_POINTS) -> np.ndarray:
+    return np.unique(np.concatenate([np.linspace(costs[0], 1.0, points), costs]))
+
+
+def budget_curve(table: ExitTable, progress: bool = False) -> tuple[list[BudgetPoint], dict[str, list[Candidate]]]:
+    """The best thresholds per budget; also returns each method's own pick per budget."""
+    references = reference_candidates(table)
+    statics = static_candidates(table)
+    grid = threshold_grid(table)
+    curve: list[BudgetPoint] = []
+    picks: dict[str, list[Candidate]] = {"reference": [], "search": []}
+    previous: Candidate | None = None
+    for budget in tqdm(budget_grid(table.costs), desc="calibrate budgets", disable=not progress, leave=False):
+        ref = best_within(references, budget) or best_within(statics, budget)
+        start = max((c for c in (ref, best_within(statics, budget)) if c), key=lambda c: (c.accuracy, -c.cost))
+        search = search_thresholds(table, budget, start, grid)
+        picks["reference"].append(ref)
+        picks["search"].append(search)
+        chosen = search
+        if previous is not None and previous.better_than(chosen):
+            chosen = previous  # a larger budget never does worse than a smaller one
+        if budget >= 1.0 - 1e-12:
+            chosen = statics[-1]  # budget 1.0 means the full network, the baseline everything compares to
+        previous = chosen
+        _, _, fractions = table.evaluate(chosen.thresholds)
+        curve.append(
+            BudgetPoint(
+                budget=float(budget), thresholds=[float(v) for v in chosen.thresholds],
+                method=chosen.method, expected_accuracy=chosen.accuracy, expected_cost=chosen.cost,
+                exit_fractions=[float(f) for f in fractions],
+            )
+        )
+    return curve, picks
+
+
+def exit_table(staged: StagedModel, manifest: Manifest, images: np.ndarray, labels: np.ndarray,
+               rule: ConfidenceRule, batch_size: int = 500, desc: str = "exits") -> ExitTable:
+    """Run every image through every stage (none leaves early) and record each exit."""
+    conf = np.zeros((manifest.num_exits, len(images)))
+    correct = np.zeros((manifest.num_exits, len(images)), dtype=bool)
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
+        stop = start + batch_size
+        carried: list = [normalize(images[start:stop], manifest.input)]
+        for k in range(manifest.num_exits):
+            out = staged.run_stage(k, carried)
+            carried = out.carried
+            conf[k, start:stop] = confidence(out.probs, rule)
+            correct[k, start:stop] = out.probs.argmax(1) == labels[start:stop]
+    return ExitTable(conf, correct, np.asarray(manifest.cost_fractions()))
+
+
+def calibrate_repository(folder: str | Path, *, rule: ConfidenceRule = "max_softmax", data_dir: str | None = None,
+                         report: bool = True, progress: bool = True) -> tuple[Calibration, dict | None]:
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    staged = StagedModel(folder, manifest)
+    splits = load_splits(manifest.source.dataset, data_dir, manifest.input.size)
+    held = exit_table(staged, manifest, splits.holdout.images, splits.holdout.labels, rule, desc="held-out")
+    curve, picks = budget_curve(held, progress)
+    calibration = Calibration(
+        rule=rule,
+        heldout={"dataset": manifest.source.dataset, "split": "holdout", "images": len(splits.holdout),
+                 "seed": 0},
+        exit_accuracy=[float(a) for a in held.correct.mean(axis=1)],
+        cost_fractions=[float(c) for c in held.costs],
+        curve=curve,
+    )
+    write_json(folder / "calibration.json", calibration)
+    test_report = None
+    if report:
+        from exporter.report import test_report as build_report, write_report
+
+        test = exit_table(staged, manifest, splits.test.images, splits.test.labels, rule, desc="test")
+        test_report = build_report(manifest.name, calibration, picks, test)
+        write_report(folder, test_report)
+    return calibration, test_report

@@ -1,0 +1,129 @@
+"""``exitserve export``: checkpoint -> model repository folder.
+
+Writes into a temporary sibling folder and renames it into place only after every ONNX
+file passed ``onnx.checker`` and the parity gate, so a failed export never leaves a
+half-written repository where the server would find it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import exporter
+from exporter.latency import measure_stage_latency
+from exporter.onnx_export import OPSET, export_stages
+from exporter.parity import ParityReport, check_parity, require_parity
+from models.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
+from models.data import load_splits
+from models.early_exit import EarlyExitModel
+from models.preprocess import Preprocessing
+from server.repository import InputSpec, Manifest, SourceSpec, StageSpec, load_manifest, write_json
+from server.runtime import StagedModel
+
+FP32_TOLERANCE = 1e-4
+FP16_TOLERANCE = 5e-2
+
+
+class ExportError(RuntimeError):
+    """The export cannot proceed (bad output location, unusable model)."""
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists (pass --overwrite to replace it)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        work.chmod(0o755)
+        return work
+    except OSError as exc:
+        raise ExportError(f"cannot write to {out.parent}: {exc}") from exc
+
+
+def export_repository(
+    checkpoint_path: str | Path,
+    out: str | Path,
+    *,
+    data_dir: str | None = None,
+    parity_images: int = 512,
+    fp16: bool = False,
+    opset: int = OPSET,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[Manifest, ParityReport]:
+    out = Path(out)
+    checkpoint = load_checkpoint(checkpoint_path)
+    model = model_from_checkpoint(checkpoint)
+    if not isinstance(model, EarlyExitModel):
+        raise ExportError(f"{checkpoint['model']} does not implement the early-exit interface")
+    prep = Preprocessing(**checkpoint["preprocessing"])
+    work = _prepare_out(out, overwrite)
+    steps = tqdm(total=4, desc=f"export {out.name}", unit="step", disable=not progress)
+    try:
+        steps.set_postfix_str("tracing stages")
+        shape = (prep.channels, prep.size, prep.size)
+        exported = export_stages(model, shape, work, opset=opset, fp16=fp16)
+        steps.update()
+
+        steps.set_postfix_str("parity")
+        test = load_splits(checkpoint["dataset"]["name"], data_dir, prep.size).test
+        images = prep.normalize(test.images[:parity_images]).numpy()
+        manifest = _manifest(out.name, checkpoint, Path(checkpoint_path), exported, prep, opset, fp16)
+        staged = StagedModel(work, manifest, provider="auto" if fp16 else "cpu")
+        report = check_parity(model, staged, images, FP16_TOLERANCE if fp16 else FP32_TOLERANCE,
+                              "fp16" if fp16 else "fp32")
+        require_parity(report)
+        manifest.parity = report.to_dict()
+        steps.update()
+
+        steps.set_postfix_str("latency")
+        sample = images[0].astype(np.float16) if fp16 else images[0]
+        for spec, latency in zip(manifest.stages, measure_stage_latency(StagedModel(work, manifest), sample)):
+            spec.latency = latency
+        steps.update()
+
+        steps.set_postfix_str("writing")
+        write_json(work / "manifest.json", manifest)
+        load_manifest(work)  # what we wrote must read back
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+        steps.update()
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        steps.close()
+    return manifest, report
+
+
+def _manifest(name, checkpoint, checkpoint_path, exported, prep, opset, fp16) -> Manifest:
+    exits = checkpoint["exits"]
+    total = exits[-1]["flops"]
+    stages = [
+        StageSpec(
+            index=e.index, file=e.file, inputs=e.inputs, outputs=e.outputs, carried_inputs=e.carried_inputs,
+            keep_input=e.keep_input, carried_outputs=e.carried_outputs, exit_name=x["name"],
+            flops=x["stage_flops"], cumulative_flops=x["flops"], params=x["stage_params"],
+            cost_fraction=x["flops"] / total, test_accuracy=x.get("test_accuracy"),
+        )
+        for e, x in zip(exported, exits)
+    ]
+    return Manifest(
+        name=name,
+        exporter_version=exporter.__version__,
+        opset=opset,
+        precision="fp16" if fp16 else "fp32",
+        input=InputSpec(channels=prep.channels, size=prep.size, mean=prep.mean, std=prep.std,
+                        dtype="float16" if fp16 else "float32"),
+        labels=list(checkpoint["labels"]),
+        stages=stages,
+        source=SourceSpec(checkpoint=str(checkpoint_path), sha256=file_sha256(checkpoint_path),
+                          model=checkpoint["model"], config=checkpoint["config"],
+                          dataset=checkpoint["dataset"]["name"]),
+    )

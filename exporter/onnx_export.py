@@ -1,0 +1,109 @@
+"""Trace every stage of a multi-exit model to its own ONNX file.
+
+A stage after the first takes one more input, ``keep`` (int64 indices of the images
+still running), and gathers its carried inputs itself, so compaction of the batch
+happens inside the graph, on the device. Every stage returns its carried tensors, the
+exit's ``logits`` and ``probs`` (softmax): only ``probs`` needs to reach the host.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from server.repository import TensorSpec
+
+OPSET = 17
+BATCH = "batch"
+
+
+class ExportableStage(nn.Module):
+    """Wraps a stage with in-graph compaction and a softmax output."""
+
+    def __init__(self, stage: nn.Module, gathers: bool) -> None:
+        super().__init__()
+        self.stage = stage
+        self.gathers = gathers
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.gathers:
+            *carried, keep = inputs
+            carried = [t.index_select(0, keep) for t in carried]  # N_kept x ...
+        else:
+            carried = list(inputs)
+        next_carried, logits = self.stage(*carried)
+        return (*next_carried, logits, torch.softmax(logits, dim=1))
+
+
+@dataclass
+class ExportedStage:
+    index: int
+    file: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    carried_inputs: list[str]
+    keep_input: str | None
+    carried_outputs: list[str]
+
+
+def _dynamic(shape: list[int]) -> list[int | str]:
+    return [BATCH, *shape[1:]]
+
+
+def export_stages(
+    model: nn.Module, input_shape: tuple[int, int, int], out_dir: Path, opset: int = OPSET, fp16: bool = False
+) -> list[ExportedStage]:
+    """Write ``stage_XX.onnx`` for every stage; returns their input/output specs."""
+    model = model.eval()
+    dtype = torch.float16 if fp16 else torch.float32
+    dtype_name = "float16" if fp16 else "float32"
+    carried: tuple[torch.Tensor, ...] = (torch.zeros(2, *input_shape),)
+    exported: list[ExportedStage] = []
+    for index, stage in enumerate(model.stages()):
+        gathers = index > 0
+        carried_inputs = ["image"] if index == 0 else [f"carried_in_{i}" for i in range(len(carried))]
+        with torch.no_grad():
+            next_carried, logits = stage(*carried)
+        carried_outputs = [f"carried_out_{i}" for i in range(len(next_carried))]
+        input_names = carried_inputs + (["keep"] if gathers else [])
+        output_names = carried_outputs + ["logits", "probs"]
+        args = tuple(carried) + ((torch.arange(carried[0].shape[0]),) if gathers else ())
+        wrapper = ExportableStage(stage, gathers)
+        if fp16:
+            wrapper = wrapper.half()
+            args = tuple(a.half() if a.is_floating_point() else a for a in args)
+        dynamic_axes = {name: {0: BATCH} for name in input_names + output_names}
+        dynamic_axes.pop("keep", None)
+        if gathers:
+            dynamic_axes["keep"] = {0: "kept"}
+        path = out_dir / f"stage_{index:02d}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapper,
+                args,
+                str(path),
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                opset_version=opset,
+                dynamo=False,
+                do_constant_folding=True,
+            )
+        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+        classes = logits.shape[1]
+        inputs = [TensorSpec(name=n, shape=_dynamic(list(t.shape)), dtype=dtype_name) for n, t in zip(carried_inputs, carried)]
+        if gathers:
+            inputs.append(TensorSpec(name="keep", shape=["kept"], dtype="int64"))
+        outputs = [TensorSpec(name=n, shape=_dynamic(list(t.shape)), dtype=dtype_name) for n, t in zip(carried_outputs, next_carried)]
+        outputs += [TensorSpec(name=n, shape=[BATCH, classes], dtype=dtype_name) for n in ("logits", "probs")]
+        exported.append(
+            ExportedStage(index, path.name, inputs, outputs, carried_inputs, "keep" if gathers else None, carried_outputs)
+        )
+        carried = tuple(next_carried)
+    return exported

@@ -1,0 +1,148 @@
+"""Dynamic batching: concurrent single-image requests are grouped into one engine call.
+
+A batch closes when it holds ``max_batch_size`` images or ``max_queue_delay`` has passed
+since its first image arrived. Inference runs on the model's one worker thread (off the
+event loop; ONNX Runtime releases the GIL). The queue is bounded in images: a full queue
+refuses at once, so the route can answer 503 with Retry-After instead of piling up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+
+from server.engine import ExitResult, ModelEngine
+
+T = TypeVar("T")
+
+
+class QueueFull(Exception):
+    """The model's queue holds ``max_queue_images`` already."""
+
+
+@dataclass
+class Pending:
+    image: np.ndarray  # C x H x W normalized
+    thresholds: np.ndarray  # K
+    deadline: float  # absolute perf_counter seconds, inf when none
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class BatchOutcome:
+    result: ExitResult
+    queue_ms: float
+    inference_ms: float
+    batch_size: int
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        engine: ModelEngine,
+        *,
+        max_batch_size: int,
+        max_queue_delay_ms: float,
+        max_queue_images: int,
+        on_batch: Callable[[ModelEngine, int, dict[int, float]], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_delay = max_queue_delay_ms / 1000
+        self.max_queue_images = max_queue_images
+        self.on_batch = on_batch
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{engine.name}")
+        self.queue: asyncio.Queue[Pending] = asyncio.Queue()
+        self.pending_images = 0  # queued + running, single images and whole jobs
+        self._worker: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.engine.name}")
+
+    async def stop(self) -> None:
+        if self._worker:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def _reserve(self, images: int) -> None:
+        if self.pending_images + images > self.max_queue_images:
+            raise QueueFull(f"{self.pending_images} images are queued for {self.engine.name}")
+        self.pending_images += images
+
+    async def submit(self, image: np.ndarray, thresholds: np.ndarray, deadline: float) -> BatchOutcome:
+        self._reserve(1)
+        future = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait(Pending(image, thresholds, deadline, future))
+        return await future
+
+    async def run_job(self, images: int, fn: Callable[[], T]) -> T:
+        """Run a whole job (the batch endpoint) on the model's worker thread, in turn."""
+        self._reserve(images)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+        finally:
+            self.pending_images -= images
+
+    async def _collect(self) -> list[Pending]:
+        batch = [await self.queue.get()]
+        closes = batch[0].enqueued + self.max_delay
+        while len(batch) < self.max_batch_size:
+            remaining = closes - time.perf_counter()
+            if remaining <= 0:
+                while len(batch) < self.max_batch_size and not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            live = [p for p in batch if not p.future.done()]  # the client may have gone
+            self.pending_images -= len(batch) - len(live)
+            if not live:
+                continue
+            started = time.perf_counter()
+            images = np.stack([p.image for p in live])
+            thresholds = np.stack([p.thresholds for p in live])
+            deadlines = np.array([p.deadline for p in live])
+            has_deadline = bool(np.isfinite(deadlines).any())
+            try:
+                results = await loop.run_in_executor(
+                    self.executor, self._infer, images, thresholds, deadlines if has_deadline else None
+                )
+            except Exception as exc:  # a failed batch fails its own requests, not the server
+                for p in live:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+            else:
+                inference_ms = (time.perf_counter() - started) * 1000
+                for p, result in zip(live, results, strict=True):
+                    if not p.future.done():
+                        p.future.set_result(
+                            BatchOutcome(result, (started - p.enqueued) * 1000, inference_ms, len(live))
+                        )
+            finally:
+                self.pending_images -= len(live)
+
+    def _infer(self, images: np.ndarray, thresholds: np.ndarray, deadlines: np.ndarray | None) -> list[ExitResult]:
+        results = self.engine.run(images, thresholds, deadlines)
+        if self.on_batch:
+            self.on_batch(self.engine, len(images), dict(self.engine.last_stage_ms))
+        return results
+

@@ -1,0 +1,65 @@
+"""Prometheus metrics, on a registry of the app's own (tests run several apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2, 5)
+
+
+class Metrics:
+    def __init__(self, max_exits: int = 8) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.request_latency = Histogram(
+            "exitserve_request_latency_seconds", "Wall time of a request, from arrival to response.",
+            ["route", "model"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.requests = Counter(
+            "exitserve_requests_total", "Requests answered, by route and HTTP status.", ["route", "status"], registry=r
+        )
+        self.images = Counter("exitserve_images_total", "Images classified.", ["model"], registry=r)
+        self.exit_depth = Histogram(
+            "exitserve_exit_depth", "Index of the exit each image left at (0 = first exit).", ["model"],
+            buckets=tuple(float(i) for i in range(max_exits)), registry=r,
+        )
+        self.exits = Counter("exitserve_exits_total", "Images per exit taken.", ["model", "exit"], registry=r)
+        self.deadline_hits = Counter(
+            "exitserve_deadline_exits_total", "Images answered early because of their deadline.", ["model"], registry=r
+        )
+        self.cost = Counter(
+            "exitserve_cost_fraction_total",
+            "Sum of per-image cost (fraction of the full network); divide by images for the mean.", ["model"],
+            registry=r,
+        )
+        self.stage_latency = Histogram(
+            "exitserve_stage_latency_seconds", "Wall time of one stage call (a whole batch).", ["model", "stage"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "exitserve_batch_size", "Images per engine call.", ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r,
+        )
+        self.queue_depth = Gauge("exitserve_queue_images", "Images queued or running.", ["model"], registry=r)
+        self.budget = Gauge("exitserve_budget", "Configured default budget (fraction of full cost).", ["model"],
+                            registry=r)
+        self.effective_budget = Gauge(
+            "exitserve_effective_budget", "Budget the thresholds are looked up with after online correction.",
+            ["model"], registry=r,
+        )
+        self.rejected = Counter("exitserve_rejected_total", "Requests refused with 503 (queue full).", ["model"],
+                                registry=r)
+
+    def observe_results(self, model: str, exits: list[int], costs: list[float], deadline_hits: int) -> None:
+        self.images.labels(model).inc(len(exits))
+        for e in exits:
+            self.exit_depth.labels(model).observe(e)
+            self.exits.labels(model, str(e)).inc()
+        self.cost.labels(model).inc(sum(costs))
+        if deadline_hits:
+            self.deadline_hits.labels(model).inc(deadline_hits)
+
+    def observe_batch(self, model: str, size: int, stage_ms: dict[int, float]) -> None:
+        self.batch_size.labels(model).observe(size)
+        for stage, ms in stage_ms.items():
+            self.stage_latency.labels(model, str(stage)).observe(ms / 1000)

@@ -1,0 +1,149 @@
+"""The model repository format: ``manifest.json`` and ``calibration.json`` per model.
+
+These pydantic models are the one definition of the format: the exporter writes them,
+the server reads and validates them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+MANIFEST_FORMAT_VERSION = 1
+CALIBRATION_FORMAT_VERSION = 1
+ConfidenceRule = Literal["max_softmax", "entropy", "margin"]
+
+
+class RepositoryError(ValueError):
+    """A model folder is missing files or holds a malformed manifest."""
+
+
+class TensorSpec(BaseModel):
+    name: str
+    shape: list[int | str]  # "batch" marks the dynamic axis
+    dtype: str = "float32"
+
+
+class InputSpec(BaseModel):
+    name: str = "image"
+    channels: int = Field(ge=1, le=4)
+    size: int = Field(ge=1)
+    layout: Literal["NCHW"] = "NCHW"
+    mean: list[float]
+    std: list[float]
+    resize: str = "bilinear"  # every upload is resized to size x size with this filter
+    dtype: str = "float32"
+
+
+class LatencySpec(BaseModel):
+    """Measured with ONNX Runtime when the repository was written."""
+
+    provider: str
+    batch_1_ms: float
+    batch_64_ms: float
+
+
+class StageSpec(BaseModel):
+    index: int
+    file: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    carried_inputs: list[str]
+    keep_input: str | None  # indices of the images still running (stages after the first)
+    carried_outputs: list[str]
+    logits_output: str = "logits"
+    probs_output: str = "probs"
+    exit_name: str
+    flops: int  # multiply-adds of this stage
+    cumulative_flops: int  # to reach this exit, earlier heads included
+    params: int
+    cost_fraction: float  # cumulative_flops / full network
+    latency: LatencySpec | None = None
+    test_accuracy: float | None = None
+
+
+class SourceSpec(BaseModel):
+    checkpoint: str
+    sha256: str
+    model: str
+    config: dict
+    dataset: str
+
+
+class Manifest(BaseModel):
+    format_version: int = MANIFEST_FORMAT_VERSION
+    name: str
+    exporter_version: str
+    opset: int
+    precision: Literal["fp32", "fp16"] = "fp32"
+    input: InputSpec
+    labels: list[str]
+    stages: list[StageSpec]
+    source: SourceSpec
+    parity: dict = Field(default_factory=dict)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.stages)
+
+    def cost_fractions(self) -> list[float]:
+        return [s.cost_fraction for s in self.stages]
+
+
+class BudgetPoint(BaseModel):
+    budget: float  # mean cost per image as a fraction of the full network
+    thresholds: list[float]  # one per exit; the last is always -inf (everything leaves)
+    method: Literal["reference", "search", "static"]
+    expected_accuracy: float
+    expected_cost: float
+    exit_fractions: list[float]
+
+
+class Calibration(BaseModel):
+    format_version: int = CALIBRATION_FORMAT_VERSION
+    rule: ConfidenceRule
+    heldout: dict  # which split, how many images
+    exit_accuracy: list[float]  # each exit alone, held-out
+    cost_fractions: list[float]
+    curve: list[BudgetPoint]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RepositoryError(f"{path} is missing") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RepositoryError(f"{path}: unreadable JSON ({exc})") from exc
+
+
+def load_manifest(folder: Path) -> Manifest:
+    try:
+        manifest = Manifest.model_validate(_read_json(folder / "manifest.json"))
+    except ValidationError as exc:
+        raise RepositoryError(f"{folder / 'manifest.json'}: {exc}") from exc
+    if manifest.format_version != MANIFEST_FORMAT_VERSION:
+        raise RepositoryError(f"{folder}: manifest format {manifest.format_version} is not supported")
+    for stage in manifest.stages:
+        if not (folder / stage.file).is_file():
+            raise RepositoryError(f"{folder}: stage file {stage.file} is missing")
+    return manifest
+
+
+def load_calibration(folder: Path) -> Calibration | None:
+    path = folder / "calibration.json"
+    if not path.exists():
+        return None
+    try:
+        return Calibration.model_validate(_read_json(path))
+    except ValidationError as exc:
+        raise RepositoryError(f"{path}: {exc}") from exc
+
+
+def write_json(path: Path, model: BaseModel) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(model.model_dump_json(indent=2))
+    tmp.replace(path)

@@ -1,0 +1,237 @@
+"""POST /classify and POST /classify/batch: validate, decode, await the service."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
+
+from server.engine import ExitResult, ModelEngine
+from server.errors import APIError
+from server.preprocess import ImageError
+from server.routes.deps import AppSettings, Service
+from server.schemas import (
+    BatchItem,
+    BatchResponse,
+    BatchSummary,
+    Classification,
+    ClassifyResponse,
+    ErrorResponse,
+    ExitInfo,
+    Timings,
+    TopK,
+)
+from server.service import RequestOptions
+
+router = APIRouter()
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (404, 413, 415, 422, 503)
+}
+SINGLE_BODY = {
+    "requestBody": {
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["file"], "properties": {
+                    "file": {"type": "string", "format": "binary"},
+                    "budget": {"type": "number"}, "deadline_ms": {"type": "number"},
+                    "top_k": {"type": "integer"}, "model": {"type": "string"},
+                    "thresholds": {"type": "string", "description": "comma-separated, one per exit but the last"},
+                }}
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+        "required": True,
+    }
+}
+BATCH_BODY = {
+    "requestBody": {
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["files"], "properties": {
+                    "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                    "budget": {"type": "number"}, "model": {"type": "string"}, "top_k": {"type": "integer"},
+                }}
+            }
+        },
+        "required": True,
+    }
+}
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def _number(name: str, raw: str | None, kind: type = float) -> Any:
+    if raw is None or raw == "":
+        return None
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise APIError(422, f"invalid_{name}", f"{name} must be a number, got {raw!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise APIError(422, f"invalid_{name}", f"{name} must be finite, got {raw!r}")
+    return value
+
+
+def _option(name: str, form: FormData | None, request: Request) -> str | None:
+    from_form = form.get(name) if form is not None else None
+    if isinstance(from_form, UploadFile):
+        raise APIError(422, "invalid_request", f"{name} must be a form field, not a file")
+    from_query = request.query_params.get(name)
+    if from_form is not None and from_query is not None and from_form != from_query:
+        raise APIError(422, "conflicting_options", f"{name} given in both the query and the form, differently")
+    return from_form if from_form is not None else from_query
+
+
+def parse_options(form: FormData | None, request: Request, engine: ModelEngine, max_top_k: int) -> RequestOptions:
+    budget = _number("budget", _option("budget", form, request))
+    if budget is not None and not 0 < budget <= 1:
+        raise APIError(422, "invalid_budget", f"budget must be in (0, 1] (fraction of full cost), got {budget}")
+    deadline = _number("deadline_ms", _option("deadline_ms", form, request))
+    if deadline is not None and not 0 < deadline <= 600_000:
+        raise APIError(422, "invalid_deadline_ms", f"deadline_ms must be in (0, 600000], got {deadline}")
+    top_k = _number("top_k", _option("top_k", form, request), int)
+    classes = len(engine.manifest.labels)
+    if top_k is None:
+        top_k = 1
+    elif not 1 <= top_k <= min(max_top_k, classes):
+        raise APIError(422, "invalid_top_k", f"top_k must be between 1 and {min(max_top_k, classes)}")
+    thresholds = None
+    raw = _option("thresholds", form, request)
+    if raw:
+        try:
+            thresholds = [float(v) for v in raw.split(",")]
+        except ValueError:
+            raise APIError(422, "invalid_thresholds", f"thresholds must be comma-separated numbers: {raw!r}") from None
+        if not all(math.isfinite(v) for v in thresholds):
+            raise APIError(422, "invalid_thresholds", "thresholds must be finite")
+    return RequestOptions(budget=budget, deadline_ms=deadline, top_k=top_k, thresholds=thresholds)
+
+
+async def read_form(request: Request, max_files: int) -> FormData:
+    try:
+        return await request.form(max_files=max_files, max_fields=64)
+    except (MultiPartException, StarletteHTTPException) as exc:  # Starlette wraps the former in a 400
+        message = str(getattr(exc, "message", None) or getattr(exc, "detail", exc))
+        if "Too many files" in message:
+            raise APIError(413, "too_many_files", f"{message} (at most {max_files} per request)") from None
+        raise APIError(422, "invalid_multipart", message) from None
+
+
+def describe(engine: ModelEngine, result: ExitResult, top_k: int) -> Classification:
+    labels = engine.manifest.labels
+    order = np.argsort(-result.probs, kind="stable")[:top_k]
+    best = int(order[0])
+    return Classification(
+        model=engine.name,
+        label=labels[best],
+        class_index=best,
+        confidence=round(float(result.probs[best]), 6),
+        exit=ExitInfo(index=result.exit_index, name=engine.manifest.stages[result.exit_index].exit_name,
+                      stages_run=result.stages_run, cost_fraction=round(result.cost_fraction, 6),
+                      deadline_hit=result.deadline_hit),
+        top_k=[TopK(label=labels[i], class_index=int(i), probability=round(float(result.probs[i]), 6)) for i in order],
+    )
+
+
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+# ---------------------------------------------------------------------------- routes
+
+
+@router.post("/classify", response_model=ClassifyResponse, responses=ERRORS, openapi_extra=SINGLE_BODY,
+             summary="Classify one image (multipart field `file`, or the raw image as the body)")
+async def classify(request: Request, service: Service, settings: AppSettings) -> ClassifyResponse:
+    arrived = time.perf_counter()
+    kind = _content_type(request)
+    form = None
+    if kind == "multipart/form-data":
+        form = await read_form(request, max_files=1)
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise APIError(422, "missing_file", "multipart field 'file' with the image is required")
+        data = await upload.read()
+    elif kind.startswith("image/") or kind == "application/octet-stream":
+        data = await request.body()
+    else:
+        raise APIError(415, "unsupported_media_type",
+                       "send multipart/form-data with a 'file' field, or the image bytes with an image/* type")
+    engine = service.engine(_option("model", form, request))
+    options = parse_options(form, request, engine, settings.max_top_k)
+    thresholds, budget = service.thresholds(engine, options)  # validate before decoding
+    try:
+        image, decode_ms = await service.decode(data, engine)
+    except ImageError as exc:
+        raise APIError(exc.status, exc.code, exc.detail) from None
+    outcome = await service.classify(engine, image, options, arrived)
+    result = describe(engine, outcome.result, options.top_k)
+    total = (time.perf_counter() - arrived) * 1000
+    return ClassifyResponse(
+        **result.model_dump(), budget=budget, policy="thresholds" if options.thresholds else "budget",
+        timings_ms=Timings(queue=round(outcome.queue_ms, 3), decode=round(decode_ms, 3),
+                           inference=round(outcome.inference_ms, 3), total=round(total, 3)),
+    )
+
+
+@router.post("/classify/batch", response_model=BatchResponse, responses=ERRORS, openapi_extra=BATCH_BODY,
+             summary="Classify many images within one budget for the whole batch")
+async def classify_batch(request: Request, service: Service, settings: AppSettings) -> BatchResponse:
+    arrived = time.perf_counter()
+    if _content_type(request) != "multipart/form-data":
+        raise APIError(415, "unsupported_media_type", "send multipart/form-data with repeated 'files' fields")
+    form = await read_form(request, max_files=settings.max_files)
+    uploads = form.getlist("files")
+    if not uploads:
+        raise APIError(422, "missing_files", "multipart field 'files' (repeated, one per image) is required")
+    if not all(isinstance(u, UploadFile) for u in uploads):
+        raise APIError(422, "invalid_request", "every 'files' field must be a file")
+    engine = service.engine(_option("model", form, request))
+    options = parse_options(form, request, engine, settings.max_top_k)
+    if options.thresholds is not None or options.deadline_ms is not None:
+        raise APIError(422, "invalid_request", "the batch endpoint takes a budget for the whole batch, "
+                                               "not thresholds or deadlines")
+    budget = options.budget if options.budget is not None else engine.default_budget
+    started = time.perf_counter()
+    blobs = [await u.read() for u in uploads]
+    decoded = await asyncio.gather(*(service.decode(b, engine) for b in blobs), return_exceptions=True)
+    decode_ms = (time.perf_counter() - started) * 1000
+    items: list[BatchItem] = []
+    good: list[int] = []
+    for i, (upload, outcome) in enumerate(zip(uploads, decoded)):
+        if isinstance(outcome, ImageError):
+            items.append(BatchItem(index=i, filename=upload.filename, error=outcome.code, detail=outcome.detail))
+        elif isinstance(outcome, BaseException):
+            raise outcome
+        else:
+            items.append(BatchItem(index=i, filename=upload.filename))
+            good.append(i)
+    histogram = [0] * engine.num_exits
+    results: list[ExitResult] = []
+    inference_started = time.perf_counter()
+    if good:
+        images = np.stack([decoded[i][0] for i in good])
+        results = await service.classify_budgeted(engine, images, budget)
+        for i, result in zip(good, results, strict=True):
+            items[i].result = describe(engine, result, options.top_k)
+            histogram[result.exit_index] += 1
+    inference_ms = (time.perf_counter() - inference_started) * 1000
+    mean_cost = float(np.mean([r.cost_fraction for r in results])) if results else 0.0
+    summary = BatchSummary(
+        count=len(items), classified=len(good), failed=len(items) - len(good), budget=budget,
+        mean_cost_fraction=round(mean_cost, 6), spent_fraction=round(mean_cost / budget, 6) if results else 0.0,
+        exit_histogram=histogram, expected_accuracy=engine.expected_accuracy(budget),
+    )
+    total = (time.perf_counter() - arrived) * 1000
+    return BatchResponse(model=engine.name, results=items, summary=summary,
+                         timings_ms=Timings(queue=0.0, decode=round(decode_ms, 3), inference=round(inference_ms, 3),
+                                            total=round(total, 3)))

@@ -1,0 +1,22 @@
+"""FastAPI dependencies shared by the routes."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from server.service import InferenceService
+from server.settings import Settings
+
+
+def get_service(request: Request) -> InferenceService:
+    return request.app.state.service
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+Service = Annotated[InferenceService, Depends(get_service)]
+AppSettings = Annotated[Settings, Depends(get_settings)]

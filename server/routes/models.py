@@ -1,0 +1,62 @@
+"""GET /v1/models and GET /v1/models/{name}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from server.engine import ModelEngine
+from server.errors import APIError
+from server.routes.deps import Service
+
+router = APIRouter(prefix="/v1")
+
+
+def summary(engine: ModelEngine, default: bool) -> dict[str, Any]:
+    controller = engine.controller
+    return {
+        "name": engine.name,
+        "default": default,
+        "exits": engine.num_exits,
+        "labels": len(engine.manifest.labels),
+        "provider": engine.staged.provider,
+        "io_binding": engine.staged.use_binding,
+        "budget": engine.default_budget,
+        "effective_budget": controller.effective if controller else engine.default_budget,
+        "calibrated": engine.calibration is not None,
+    }
+
+
+@router.get("/models", summary="The models this server serves")
+async def list_models(service: Service) -> dict[str, Any]:
+    service.engine(None)  # 503 while loading
+    return {"models": [summary(e, name == service.default_model) for name, e in sorted(service.engines.items())]}
+
+
+@router.get("/models/{name}", summary="A model's manifest, calibration summary, provider and budget in force")
+async def model_detail(name: str, service: Service) -> dict[str, Any]:
+    if service.ready and name not in service.engines:
+        raise APIError(404, "unknown_model", f"no model {name!r}; serving: {', '.join(sorted(service.engines))}")
+    engine = service.engine(name)
+    calibration = engine.calibration
+    calibration_summary = None
+    if calibration is not None:
+        calibration_summary = {
+            "rule": calibration.rule,
+            "heldout": calibration.heldout,
+            "exit_accuracy": calibration.exit_accuracy,
+            "curve": [
+                {"budget": p.budget, "expected_accuracy": p.expected_accuracy, "expected_cost": p.expected_cost,
+                 "method": p.method}
+                for p in calibration.curve
+            ],
+        }
+    measured = controller.measured if (controller := engine.controller) else None
+    return {
+        **summary(engine, name == service.default_model),
+        "measured_mean_cost": measured,
+        "stage_latency_ms": [round(lat.predict_ms(1), 4) for lat in engine.latency],
+        "manifest": engine.manifest.model_dump(),
+        "calibration": calibration_summary,
+    }

@@ -1,0 +1,72 @@
+"""Response bodies of the HTTP API (also what /docs shows)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class ExitInfo(BaseModel):
+    index: int
+    name: str
+    stages_run: int
+    cost_fraction: float
+    deadline_hit: bool = False
+
+
+class TopK(BaseModel):
+    label: str
+    class_index: int
+    probability: float
+
+
+class Timings(BaseModel):
+    queue: float
+    decode: float
+    inference: float
+    total: float
+
+
+class Classification(BaseModel):
+    model: str
+    label: str
+    class_index: int
+    confidence: float
+    exit: ExitInfo
+    top_k: list[TopK]
+
+
+class ClassifyResponse(Classification):
+    budget: float | None
+    policy: str  # "budget" | "thresholds"
+    timings_ms: Timings
+
+
+class BatchItem(BaseModel):
+    index: int
+    filename: str | None
+    result: Classification | None = None
+    error: str | None = None
+    detail: str | None = None
+
+
+class BatchSummary(BaseModel):
+    count: int
+    classified: int
+    failed: int
+    budget: float
+    mean_cost_fraction: float
+    spent_fraction: float  # of the batch's allowance, budget x images
+    exit_histogram: list[int]
+    expected_accuracy: float | None
+
+
+class BatchResponse(BaseModel):
+    model: str
+    results: list[BatchItem]
+    summary: BatchSummary
+    timings_ms: Timings
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: str

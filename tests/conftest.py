@@ -1,0 +1,47 @@
+"""Shared fixtures: a small multi-exit model really trained on Fashion-MNIST for a few
+steps, and the model repository the exporter writes from it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+SMALL_MODEL = {"nBlocks": 3, "nChannels": 8, "growthRate": 4, "base": 1, "step": 1}
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CHECKPOINT = REPO_ROOT / "models" / "weights" / "msdnet_fmnist.pt"
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from models.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("small_model") / "small.pt"
+    train(TrainConfig(out=str(out), epochs=1, steps_per_epoch=40, batch_size=32, model_config=SMALL_MODEL))
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_repository(small_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from exporter.export import export_repository
+
+    out = tmp_path_factory.mktemp("repository") / "small"
+    export_repository(small_checkpoint, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def served_repository(small_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository folder with one calibrated model, ``msdnet_fmnist``: the committed
+    default model when it is there, else the small one."""
+    from exporter.calibrate import calibrate_repository
+    from exporter.export import export_repository
+
+    checkpoint = DEFAULT_CHECKPOINT if DEFAULT_CHECKPOINT.is_file() else small_checkpoint
+    root = tmp_path_factory.mktemp("served")
+    export_repository(checkpoint, root / "msdnet_fmnist", progress=False)
+    calibrate_repository(root / "msdnet_fmnist", report=True, progress=False)
+    return root

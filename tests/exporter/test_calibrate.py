@@ -1,0 +1,114 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exitserve.cli import main as cli
+from exporter.calibrate import (
+    budget_curve,
+    calibrate_repository,
+    geometric_fractions,
+    reference_candidates,
+    reference_thresholds,
+)
+from server.policy import ExitTable, confidence, exits_taken, point_for_budget
+from server.repository import load_calibration
+
+
+def easy_hard_table(n: int = 200) -> ExitTable:
+    """Half the images are easy (sure and right at exit 0), half hard (unsure and wrong
+    at exit 0, right at exit 1)."""
+    rng = np.random.default_rng(0)
+    easy = n // 2
+    conf0 = np.concatenate([rng.uniform(0.9, 1.0, easy), rng.uniform(0.3, 0.6, n - easy)])
+    conf1 = np.ones(n)
+    correct = np.array([np.arange(n) < easy, np.ones(n, bool)])
+    return ExitTable(np.array([conf0, conf1]), correct, np.array([0.25, 1.0]))
+
+
+def test_search_finds_the_known_optimum() -> None:
+    table = easy_hard_table()
+    curve, _ = budget_curve(table)
+    by_budget = {round(p.budget, 4): p for p in curve}
+    assert by_budget[1.0].expected_cost == 1.0 and by_budget[1.0].method == "static"  # 1.0 = full network
+    full = by_budget[0.625]
+    assert full.expected_accuracy == 1.0
+    assert full.expected_cost == pytest.approx(0.625)  # easy images leave early even with budget to spare
+    assert 0.6 < full.thresholds[0] <= table.conf[0, :100].min()
+    cheapest = curve[0]
+    assert cheapest.budget == pytest.approx(0.25) and cheapest.expected_accuracy == 0.5
+    for point in curve[:-1]:  # accuracy = 0.5 + (budget - 0.25) / 0.75, up to the quantile grid's step
+        best = min(1.0, 0.5 + (point.budget - 0.25) / 0.75)
+        assert point.expected_cost <= point.budget + 1e-9
+        assert best - 0.02 <= point.expected_accuracy <= best + 1e-9
+
+
+def test_search_beats_geometric_when_a_middle_exit_is_useless() -> None:
+    rng = np.random.default_rng(1)
+    n = 300
+    conf = rng.uniform(0, 1, (3, n))
+    correct = np.array([conf[0] > 0.5, np.zeros(n, bool), np.ones(n, bool)])  # exit 1 is always wrong
+    table = ExitTable(conf, correct, np.array([0.2, 0.5, 1.0]))
+    curve, picks = budget_curve(table)
+    gains = [s.accuracy - r.accuracy for s, r in zip(picks["search"], picks["reference"])]
+    assert min(gains) >= 0 and max(gains) > 0.05
+    assert all(p.exit_fractions[1] == 0 for p in curve if p.budget > 0.7)  # skips the useless exit
+
+
+def test_reference_method_takes_the_geometric_share_at_each_exit() -> None:
+    rng = np.random.default_rng(2)
+    conf = rng.uniform(0, 1, (4, 1000))
+    table = ExitTable(conf, np.ones((4, 1000), bool), np.array([0.1, 0.3, 0.6, 1.0]))
+    p = geometric_fractions(0.5, 4)
+    t = reference_thresholds(table, p)
+    counts = np.bincount(exits_taken(conf, t), minlength=4)
+    assert counts[0] == int(np.floor(1000 * p[0]))
+    assert counts[1] == int(np.floor(1000 * p[1]))  # exit 1 picks among the images left
+    assert len(reference_candidates(table)) > 50
+
+
+def test_confidence_rules() -> None:
+    probs = np.array([[0.7, 0.2, 0.1], [1 / 3, 1 / 3, 1 / 3], [1.0, 0.0, 0.0]])
+    np.testing.assert_allclose(confidence(probs, "max_softmax"), [0.7, 1 / 3, 1.0])
+    np.testing.assert_allclose(confidence(probs, "margin"), [0.5, 0.0, 1.0], atol=1e-12)
+    ent = confidence(probs, "entropy")
+    assert ent[1] == pytest.approx(0.0, abs=1e-9) and ent[2] == pytest.approx(1.0) and 0 < ent[0] < 1
+    with pytest.raises(ValueError, match="unknown confidence rule"):
+        confidence(probs, "vibes")
+
+
+def test_calibrate_repository_writes_curve_and_report(small_repository: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli(["calibrate", "--repository", str(small_repository)]) == 0
+    assert "oracle" in capsys.readouterr().out
+    calibration = load_calibration(small_repository)
+    assert calibration.heldout["split"] == "holdout" and calibration.heldout["images"] == 5000
+    budgets = [p.budget for p in calibration.curve]
+    assert budgets == sorted(budgets) and budgets[-1] == 1.0
+    accuracies = [p.expected_accuracy for p in calibration.curve[:-1]]
+    assert accuracies == sorted(accuracies)
+    assert calibration.curve[-1].exit_fractions[-1] == 1.0
+    assert all(p.expected_cost <= p.budget + 1e-9 and p.thresholds[-1] < 0 for p in calibration.curve)
+    report = json.loads((small_repository / "calibration_report.json").read_text())
+    assert report["split"] == "test" and report["images"] == 10000
+    assert report["oracle"]["accuracy"] >= max(s["accuracy"] for s in report["static_exits"])
+    assert (small_repository / "calibration_report.png").stat().st_size > 10_000
+    assert point_for_budget(calibration, 0.0).budget == budgets[0]
+    assert point_for_budget(calibration, 1.0).budget == 1.0
+    mid = point_for_budget(calibration, 0.5)
+    assert mid.budget <= 0.5 and all(p.budget <= mid.budget or p.budget > 0.5 for p in calibration.curve)
+
+
+def test_entropy_rule_is_recorded(small_repository: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(small_repository, copy)
+    calibration, report = calibrate_repository(copy, rule="entropy", report=False, progress=False)
+    assert calibration.rule == "entropy" and report is None
+    assert load_calibration(copy).rule == "entropy"
+
+
+def test_calibrate_missing_repository(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli(["calibrate", "--repository", str(tmp_path / "nothing")]) == 2
+    assert "manifest.json is missing" in capsys.readouterr().err

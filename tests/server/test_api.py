@@ -1,0 +1,198 @@
+"""HTTP API against a real uvicorn on a loopback port."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from server.engine import ModelEngine
+from server.preprocess import decode_image, normalize
+from server.settings import Settings
+from tests.server.images import bomb_png, encode, fashion_images
+from tests.server.live import live_server
+
+COUNT = 60
+
+
+@pytest.fixture(scope="module")
+def url(served_repository: Path) -> Iterator[str]:
+    settings = Settings(model_repository=served_repository, max_body_bytes=2_000_000, max_files=16,
+                        max_pixels=4_000_000, online_budget=False)
+    with live_server(settings) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def images() -> tuple[np.ndarray, np.ndarray]:
+    return fashion_images(COUNT)
+
+
+def classify(url: str, data: bytes, **params) -> httpx.Response:
+    return httpx.post(f"{url}/classify", files={"file": ("x.png", data, "image/png")}, params=params, timeout=30)
+
+
+def test_classify_png_and_jpeg_match_the_engine(url: str, served_repository: Path, images) -> None:
+    pixels, labels = images
+    engine = ModelEngine(served_repository / "msdnet_fmnist", default_budget=0.25, provider="cpu",
+                         online_budget=False)
+    thresholds = engine.thresholds_for(0.5)
+    for fmt in ("PNG", "JPEG"):
+        blobs = [encode(p, fmt) for p in pixels[:20]]
+        decoded = np.stack([decode_image(b, engine.manifest.input, 10**6) for b in blobs])
+        offline = engine.run(normalize(decoded, engine.manifest.input), np.tile(thresholds, (20, 1)))
+        for blob, expected in zip(blobs, offline):
+            body = classify(url, blob, budget=0.5).json()
+            assert body["class_index"] == int(np.argmax(expected.probs))
+            assert body["exit"]["index"] == expected.exit_index
+            assert body["label"] == engine.manifest.labels[body["class_index"]]
+            assert set(body["timings_ms"]) == {"queue", "decode", "inference", "total"}
+    correct = [classify(url, encode(p)).json()["class_index"] == y for p, y in zip(pixels, labels)]
+    assert np.mean(correct) > 0.5
+
+
+def test_raw_body_fast_path_and_top_k(url: str, images) -> None:
+    blob = encode(images[0][0])
+    raw = httpx.post(f"{url}/classify", content=blob, headers={"content-type": "image/png"},
+                     params={"top_k": 3, "budget": 1.0}).json()
+    multipart = classify(url, blob, top_k=3, budget=1.0).json()
+    assert raw["class_index"] == multipart["class_index"] and len(raw["top_k"]) == 3
+    probs = [t["probability"] for t in raw["top_k"]]
+    assert probs == sorted(probs, reverse=True) and raw["top_k"][0]["class_index"] == raw["class_index"]
+    assert raw["exit"]["index"] == raw["exit"]["stages_run"] - 1 == len(raw["top_k"]) * 0 + raw["exit"]["index"]
+
+
+def test_budgets_move_mean_exit_depth_monotonically(url: str, images) -> None:
+    blobs = [encode(p) for p in images[0]]
+    depths = []
+    for budget in (0.01, 0.3, 0.6, 1.0):
+        depths.append(np.mean([classify(url, b, budget=budget).json()["exit"]["index"] for b in blobs]))
+    assert depths == sorted(depths) and depths[0] == 0 and depths[-1] > depths[0]
+    full = classify(url, blobs[0], budget=1.0).json()
+    assert full["exit"]["cost_fraction"] == 1.0  # budget 1.0 is the full network
+
+
+def test_explicit_thresholds(url: str, images) -> None:
+    blob = encode(images[0][0])
+    models = httpx.get(f"{url}/v1/models").json()["models"]
+    exits = models[0]["exits"]
+    early = classify(url, blob, thresholds=",".join(["0"] * (exits - 1))).json()
+    assert early["exit"]["index"] == 0 and early["policy"] == "thresholds"
+    late = classify(url, blob, thresholds=",".join(["2"] * (exits - 1))).json()
+    assert late["exit"]["index"] == exits - 1
+    assert classify(url, blob, thresholds="0.5").status_code == 422
+    assert classify(url, blob, thresholds="0.5,0.5,0.5,0.5", budget=0.5).json()["error"] == "conflicting_options"
+
+
+def test_deadline_answers_with_the_best_exit_so_far(url: str, images) -> None:
+    blob = encode(images[0][0])
+    body = classify(url, blob, budget=1.0, deadline_ms=0.001).json()
+    assert body["exit"]["deadline_hit"] is True and body["exit"]["stages_run"] == 1
+    relaxed = classify(url, blob, budget=1.0, deadline_ms=60_000).json()
+    assert relaxed["exit"]["deadline_hit"] is False and relaxed["exit"]["cost_fraction"] == 1.0
+
+
+def test_batch_respects_its_budget_and_upload_order(url: str, images) -> None:
+    pixels, labels = images
+    files = [("files", (f"{i}.png", encode(p), "image/png")) for i, p in enumerate(pixels[:16])]
+    for budget in (0.2, 0.4, 1.0):
+        body = httpx.post(f"{url}/classify/batch", files=files, data={"budget": str(budget)}, timeout=60).json()
+        summary = body["summary"]
+        assert summary["count"] == summary["classified"] == 16 and summary["failed"] == 0
+        assert summary["mean_cost_fraction"] <= budget + 1e-9
+        assert sum(summary["exit_histogram"]) == 16
+        assert [item["index"] for item in body["results"]] == list(range(16))
+        assert [item["filename"] for item in body["results"]] == [f"{i}.png" for i in range(16)]
+        assert 0 < summary["expected_accuracy"] <= 1
+
+
+def test_one_bad_file_fails_only_itself(url: str, images) -> None:
+    good = encode(images[0][0])
+    files = [("files", ("a.png", good, "image/png")), ("files", ("bad.txt", b"hello", "text/plain")),
+             ("files", ("c.png", good[: len(good) // 2], "image/png")), ("files", ("d.png", good, "image/png"))]
+    body = httpx.post(f"{url}/classify/batch", files=files, data={"budget": "0.5"}).json()
+    items = body["results"]
+    assert [i["error"] for i in items] == [None, "not_an_image", "corrupt_image", None]
+    assert items[0]["result"]["class_index"] == items[3]["result"]["class_index"]
+    assert body["summary"]["failed"] == 2
+
+
+@pytest.mark.parametrize(
+    "data, status, code",
+    [
+        (b"", 422, "empty_file"),
+        (b"definitely not an image", 415, "not_an_image"),
+        (bomb_png(), 413, "image_too_large"),
+    ],
+)
+def test_bad_uploads_are_clear_4xx(url: str, data: bytes, status: int, code: str) -> None:
+    response = classify(url, data)
+    assert response.status_code == status
+    assert response.json()["error"] == code and response.json()["detail"]
+
+
+def test_truncated_png_and_jpeg(url: str, images) -> None:
+    for fmt in ("PNG", "JPEG"):
+        blob = encode(images[0][0], fmt)
+        response = classify(url, blob[: len(blob) // 2])
+        assert response.status_code in (415, 422) and response.json()["error"] in ("corrupt_image", "not_an_image")
+
+
+def test_oversized_body_is_413(url: str) -> None:
+    big = b"\x00" * 2_500_000
+    response = httpx.post(f"{url}/classify", content=big, headers={"content-type": "image/png"})
+    assert response.status_code == 413 and response.json()["error"] == "payload_too_large"
+
+    def chunks():  # no Content-Length: counted while streaming
+        for _ in range(30):
+            yield b"\x00" * 100_000
+
+    streamed = httpx.post(f"{url}/classify", content=chunks(), headers={"content-type": "image/png"})
+    assert streamed.status_code == 413
+
+
+@pytest.mark.parametrize("params, code", [
+    ({"budget": "0"}, "invalid_budget"), ({"budget": "1.5"}, "invalid_budget"), ({"budget": "abc"}, "invalid_budget"),
+    ({"budget": "nan"}, "invalid_budget"), ({"deadline_ms": "-1"}, "invalid_deadline_ms"),
+    ({"top_k": "0"}, "invalid_top_k"), ({"top_k": "99"}, "invalid_top_k"),
+])
+def test_bad_options_are_422(url: str, images, params: dict, code: str) -> None:
+    response = classify(url, encode(images[0][0]), **params)
+    assert response.status_code == 422 and response.json()["error"] == code
+
+
+def test_request_shape_errors(url: str, images) -> None:
+    blob = encode(images[0][0])
+    assert httpx.post(f"{url}/classify", content=b"{}", headers={"content-type": "application/json"}).status_code == 415
+    missing = httpx.post(f"{url}/classify", files={"other": ("x.png", blob, "image/png")})
+    assert missing.status_code == 422 and missing.json()["error"] == "missing_file"
+    unknown = classify(url, blob, model="nope")
+    assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_model"
+    many = [("files", (f"{i}.png", blob, "image/png")) for i in range(17)]
+    too_many = httpx.post(f"{url}/classify/batch", files=many)
+    assert too_many.status_code == 413 and too_many.json()["error"] == "too_many_files"
+    low = httpx.post(f"{url}/classify/batch", files=many[:2], data={"budget": "0.001"})
+    assert low.status_code == 422 and low.json()["error"] == "invalid_budget"
+    assert httpx.get(f"{url}/nowhere").json()["error"] == "not_found"
+
+
+def test_models_health_docs_and_metrics(url: str, images) -> None:
+    classify(url, encode(images[0][0]))
+    models = httpx.get(f"{url}/v1/models").json()["models"]
+    assert models[0]["name"] == "msdnet_fmnist" and models[0]["default"] is True
+    assert models[0]["provider"] == "CPUExecutionProvider"
+    detail = httpx.get(f"{url}/v1/models/msdnet_fmnist").json()
+    assert detail["manifest"]["input"]["size"] == 28 and detail["calibration"]["rule"] == "max_softmax"
+    assert detail["budget"] == 0.25
+    assert httpx.get(f"{url}/v1/models/zzz").status_code == 404
+    assert httpx.get(f"{url}/healthz").json() == {"status": "alive"}
+    assert httpx.get(f"{url}/readyz").json()["status"] == "ready"
+    assert "/classify/batch" in httpx.get(f"{url}/openapi.json").json()["paths"]
+    assert httpx.get(f"{url}/docs").status_code == 200
+    text = httpx.get(f"{url}/metrics").text
+    for name in ("exitserve_request_latency_seconds_bucket", "exitserve_images_total", "exitserve_exit_depth_bucket",
+                 "exitserve_stage_latency_seconds_bucket", "exitserve_batch_size_bucket", "exitserve_budget"):
+        assert name in text
