@@ -8,7 +8,15 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-DEFAULT_CHECKPOINT = "models/weights/msdnet_fmnist.pt"
+from pathlib import Path
+
+_CHECKOUT = Path(__file__).resolve().parents[1]
+# the committed default model: beside the package in a checkout, else relative to the cwd
+DEFAULT_CHECKPOINT = str(
+    _CHECKOUT / "models/weights/msdnet_fmnist.pt"
+    if (_CHECKOUT / "models/weights/msdnet_fmnist.pt").is_file()
+    else Path("models/weights/msdnet_fmnist.pt")
+)
 
 
 def _json_dict(text: str) -> dict:

@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 import exporter
 from exporter.latency import measure_stage_latency
-from exporter.onnx_export import OPSET, export_stages
-from exporter.parity import ParityReport, check_parity, require_parity
+from exporter.onnx_export import OPSET, export_full_model, export_stages
+from exporter.parity import ParityError, ParityReport, check_parity, require_parity
 from models.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
 from models.data import load_splits
 from models.early_exit import EarlyExitModel
@@ -68,6 +68,7 @@ def export_repository(
         steps.set_postfix_str("tracing stages")
         shape = (prep.channels, prep.size, prep.size)
         exported = export_stages(model, shape, work, opset=opset, fp16=fp16)
+        full_file = export_full_model(model, shape, work, opset)
         steps.update()
 
         steps.set_postfix_str("parity")
@@ -78,7 +79,11 @@ def export_repository(
         report = check_parity(model, staged, images, FP16_TOLERANCE if fp16 else FP32_TOLERANCE,
                               "fp16" if fp16 else "fp32")
         require_parity(report)
-        manifest.parity = report.to_dict()
+        full_diff = _full_model_parity(work / full_file, model, images)
+        if full_diff > FP32_TOLERANCE:
+            raise ParityError(f"{full_file} disagrees with PyTorch's last exit by {full_diff:.3g}")
+        manifest.parity = {**report.to_dict(), "full_model_max_abs_diff": full_diff}
+        manifest.full_model = full_file
         steps.update()
 
         steps.set_postfix_str("latency")
@@ -100,6 +105,17 @@ def export_repository(
     finally:
         steps.close()
     return manifest, report
+
+
+def _full_model_parity(path: Path, model, images: np.ndarray) -> float:
+    import onnxruntime as ort
+    import torch
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"image": images})[0]
+    with torch.no_grad():
+        want = model(torch.from_numpy(images))[-1].numpy()
+    return float(np.abs(got - want).max())
 
 
 def _manifest(name, checkpoint, checkpoint_path, exported, prep, opset, fp16) -> Manifest:

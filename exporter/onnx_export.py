@@ -107,3 +107,33 @@ def export_stages(
         )
         carried = tuple(next_carried)
     return exported
+
+
+class FullDepth(nn.Module):
+    """The whole network as one graph, last exit only: the plain-serving baseline."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(image)[-1]
+        return logits, torch.softmax(logits, dim=1)
+
+
+FULL_MODEL_FILE = "full_model.onnx"
+
+
+def export_full_model(model: nn.Module, input_shape: tuple[int, int, int], out_dir: Path, opset: int = OPSET) -> str:
+    """Write ``full_model.onnx`` (input ``image``, outputs ``logits`` and ``probs``)."""
+    path = out_dir / FULL_MODEL_FILE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            FullDepth(model.eval()), (torch.zeros(2, *input_shape),), str(path),
+            input_names=["image"], output_names=["logits", "probs"],
+            dynamic_axes={"image": {0: BATCH}, "logits": {0: BATCH}, "probs": {0: BATCH}},
+            opset_version=opset, dynamo=False, do_constant_folding=True,
+        )
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    return path.name

@@ -52,8 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(health.router)
 
-    app.add_middleware(RequestMetrics, metrics=metrics, service=app.state.service)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics, service=app.state.service)  # outermost: sees the 413s
     return app
 
 

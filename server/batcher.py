@@ -1,7 +1,7 @@
 """Dynamic batching: concurrent single-image requests are grouped into one engine call.
 
-A batch closes when it holds ``max_batch_size`` images or ``max_queue_delay`` has passed
-since its first image arrived. Inference runs on the model's one worker thread (off the
+A batch takes every image queued while the previous batch ran (up to
+``max_batch_size``), optionally waiting ``max_queue_delay`` for more. Inference runs on the model's one worker thread (off the
 event loop; ONNX Runtime releases the GIL). The queue is bounded in images: a full queue
 refuses at once, so the route can answer 503 with Retry-After instead of piling up.
 """
@@ -95,13 +95,17 @@ class DynamicBatcher:
             self.pending_images -= images
 
     async def _collect(self) -> list[Pending]:
+        """Everything already queued, then (if ``max_queue_delay`` > 0) what arrives
+        before the first image has waited that long. With delay 0 a lone request runs
+        at once, and under load batches form from what queued during the last run."""
         batch = [await self.queue.get()]
         closes = batch[0].enqueued + self.max_delay
         while len(batch) < self.max_batch_size:
+            if not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+                continue
             remaining = closes - time.perf_counter()
             if remaining <= 0:
-                while len(batch) < self.max_batch_size and not self.queue.empty():
-                    batch.append(self.queue.get_nowait())
                 break
             try:
                 batch.append(await asyncio.wait_for(self.queue.get(), remaining))

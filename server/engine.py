@@ -67,7 +67,7 @@ class BudgetController:
 
     target: float
     floor: float
-    gain: float = 0.02
+    gain: float = 0.005  # budget change per image per unit of cost error (an integral controller)
     effective: float = field(init=False)
     measured: float | None = field(init=False, default=None)
 

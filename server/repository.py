@@ -84,6 +84,7 @@ class Manifest(BaseModel):
     stages: list[StageSpec]
     source: SourceSpec
     parity: dict = Field(default_factory=dict)
+    full_model: str | None = None  # the whole network as one graph: the plain-serving baseline
 
     @property
     def num_exits(self) -> int:

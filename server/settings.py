@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     intra_op_threads: int | None = None
 
     max_batch_size: int = Field(32, ge=1)
-    max_queue_delay_ms: float = Field(2.0, ge=0)
+    max_queue_delay_ms: float = Field(0.0, ge=0, description="extra wait for a batch to fill; 0: batches form from what queued during the previous run")
     max_queue_images: int = Field(512, ge=1)
     retry_after_s: int = 1
 

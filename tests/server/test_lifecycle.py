@@ -24,7 +24,7 @@ from tests.server.live import live_server
 
 
 def test_readyz_is_503_until_loaded_then_200(served_repository: Path) -> None:
-    settings = Settings(model_repository=served_repository, warmup_batches=150)
+    settings = Settings(model_repository=served_repository, warmup_batches=400)
     with live_server(settings, wait_ready=False) as url:
         first = httpx.get(f"{url}/readyz")
         assert httpx.get(f"{url}/healthz").status_code == 200
