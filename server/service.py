@@ -141,9 +141,8 @@ class InferenceService:
         image = normalize(pixels[None], engine.manifest.input)[0]
         return image, (time.perf_counter() - started) * 1000
 
-    async def classify(self, engine: ModelEngine, image: np.ndarray, options: RequestOptions,
-                       arrived: float) -> BatchOutcome:
-        thresholds, _ = self.thresholds(engine, options)
+    async def classify(self, engine: ModelEngine, image: np.ndarray, thresholds: np.ndarray,
+                       options: RequestOptions, arrived: float) -> BatchOutcome:
         deadline = arrived + options.deadline_ms / 1000 if options.deadline_ms else float("inf")
         batcher = self.batchers[engine.name]
         try:

@@ -174,7 +174,7 @@ async def classify(request: Request, service: Service, settings: AppSettings) ->
         image, decode_ms = await service.decode(data, engine)
     except ImageError as exc:
         raise APIError(exc.status, exc.code, exc.detail) from None
-    outcome = await service.classify(engine, image, options, arrived)
+    outcome = await service.classify(engine, image, thresholds, options, arrived)
     result = describe(engine, outcome.result, options.top_k)
     total = (time.perf_counter() - arrived) * 1000
     response = ClassifyResponse(
