@@ -30,8 +30,10 @@ def measure_stage_latency(staged: StagedModel, image: np.ndarray, repeats: int =
         carried: list = [np.repeat(image[None], batch, axis=0)]
         for k in range(staged.num_stages):
             inputs = carried
-            timings[k].append(_median_ms(lambda: staged.run_stage(k, inputs), repeats if batch == 1 else max(3, repeats // 4)))
-            carried = staged.run_stage(k, inputs).carried
+            outputs = []
+            ms = _median_ms(lambda: outputs.append(staged.run_stage(k, inputs)), repeats if batch == 1 else max(3, repeats // 4))
+            timings[k].append(ms)
+            carried = outputs[-1].carried  # the next stage's input, from the last timed run
     return [
         LatencySpec(provider=staged.provider, batch_1_ms=round(t[0], 4), batch_64_ms=round(t[1], 4))
         for _, t in sorted(timings.items())

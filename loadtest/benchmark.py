@@ -132,13 +132,9 @@ async def concurrent_throughput(url: str, blobs: list[bytes], params: dict, conc
 
 def pick_budget(report: dict, tolerance: float = 0.003) -> float:
     """Smallest budget whose held-out accuracy is within ``tolerance`` of the full network."""
-    full = report["static_exits"][-1]
     curve = report["curve"]
-    full_expected = curve[-1]["expected_accuracy"]
-    for point in curve:
-        if point["expected_accuracy"] >= full_expected - tolerance:
-            return point["budget"]
-    return 1.0 if full else curve[-1]["budget"]
+    full_expected = curve[-1]["expected_accuracy"]  # budget 1.0: the full network
+    return next(p["budget"] for p in curve if p["expected_accuracy"] >= full_expected - tolerance)
 
 
 def main(argv: list[str] | None = None) -> int:

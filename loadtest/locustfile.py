@@ -13,7 +13,6 @@ import io
 import os
 import random
 
-import numpy as np
 from locust import HttpUser, between, tag, task
 from PIL import Image
 
@@ -49,10 +48,8 @@ class ClassifyUser(HttpUser):
         data, label = random.choice(IMAGES)
         with self.client.post("/classify", data=data, headers={"content-type": "image/png"},
                               params=self._params(), name="/classify (raw)", catch_response=True) as response:
-            if response.status_code == 200 and response.json()["class_index"] != label:
-                response.success()  # a wrong answer is not a failed request
-            elif response.status_code == 503:
-                response.failure("overloaded (503)")
+            if response.status_code == 200 and not 0 <= response.json()["class_index"] < 10:
+                response.failure(f"class index out of range for label {label}")
 
     @tag("single")
     @task(2)
@@ -75,7 +72,5 @@ class BatchUser(HttpUser):
         files = [("files", (f"{i}.png", data, "image/png")) for i, (data, _) in enumerate(chosen)]
         data = {"budget": BUDGET} if BUDGET else {}
         with self.client.post("/classify/batch", files=files, data=data, catch_response=True) as response:
-            if response.status_code == 200:
-                labels = np.array([label for _, label in chosen])
-                got = np.array([item["result"]["class_index"] for item in response.json()["results"]])
-                response.success() if len(got) == len(labels) else response.failure("missing results")
+            if response.status_code == 200 and len(response.json()["results"]) != len(chosen):
+                response.failure("one result per uploaded image expected")

@@ -178,7 +178,7 @@ class ModelEngine:
                 results[rows[j]] = ExitResult(k, k + 1, out.probs[j], float(conf[j]), float(self.costs[k]))
             keep = np.flatnonzero(~leave)
             carried = out.carried
-        return [r for r in results]  # every image has a result
+        return results  # every image has a result: it left, or its deadline came
 
     def run_budgeted(self, images: np.ndarray, budget: float) -> list[ExitResult]:
         """Budgeted batch: spend at most ``budget`` x N x full cost on the whole batch.
@@ -216,7 +216,7 @@ class ModelEngine:
             carried = out.carried
             if len(keep) == 0:
                 break
-        return [r for r in results]
+        return results  # every image left at some exit
 
     def warm_up(self, batches: int = 2) -> None:
         """Run every stage a few times so the first request does not pay for lazy init."""
