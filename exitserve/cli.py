@@ -55,6 +55,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps-per-epoch", type=int, default=None)
     p.add_argument("--model-config", type=_json_dict, default={}, help='JSON overrides, e.g. \'{"nBlocks": 4}\'')
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--init-from", default=None, help="start from this checkpoint's weights (same model and config)")
     p.set_defaults(handler=_run_train)
 
 

@@ -73,7 +73,7 @@ def export_stages(
         input_names = carried_inputs + (["keep"] if gathers else [])
         output_names = carried_outputs + ["logits", "probs"]
         args = tuple(carried) + ((torch.arange(carried[0].shape[0]),) if gathers else ())
-        wrapper = ExportableStage(stage, gathers)
+        wrapper = ExportableStage(stage, gathers).eval()  # export restores the wrapper's mode onto the model
         if fp16:
             wrapper = wrapper.half()
             args = tuple(a.half() if a.is_floating_point() else a for a in args)
@@ -130,7 +130,7 @@ def export_full_model(model: nn.Module, input_shape: tuple[int, int, int], out_d
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            FullDepth(model.eval()), (torch.zeros(2, *input_shape),), str(path),
+            FullDepth(model).eval(), (torch.zeros(2, *input_shape),), str(path),
             input_names=["image"], output_names=["logits", "probs"],
             dynamic_axes={"image": {0: BATCH}, "logits": {0: BATCH}, "probs": {0: BATCH}},
             opset_version=opset, dynamo=False, do_constant_folding=True,

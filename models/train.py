@@ -25,7 +25,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from models.augment import random_crop, random_erasing, random_hflip
-from models.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+from models.checkpoint import CHECKPOINT_FORMAT, CheckpointError, file_sha256, load_checkpoint, save_checkpoint
 from models.cost import exit_costs
 from models.data import DataSplits, load_splits
 from models.early_exit import EarlyExitModel
@@ -56,6 +56,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # cap (for smoke tests); default: a full pass
     model_config: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None
+    init_from: str | None = None  # start from this checkpoint's weights (fine-tuning, warm restarts)
 
 
 class JointExitLoss(nn.Module):
@@ -110,6 +111,7 @@ class Trainer:
         mean, std = self.splits.train.mean_std()
         self.prep = Preprocessing(self.splits.train.channels, self.splits.train.size, mean, std)
         self.model = build_model(cfg, self.splits)
+        self.parent = self._load_parent(cfg.init_from) if cfg.init_from else None
         self.num_exits = len(self.model.exit_specs())
         weights = cfg.exit_weights or [1.0] * self.num_exits
         self.criterion = JointExitLoss(list(weights), cfg.distill, cfg.temperature)
@@ -131,6 +133,14 @@ class Trainer:
         self.start_epoch = 0
         self.history: list[dict[str, Any]] = []
         self.elapsed = 0.0
+
+    def _load_parent(self, path: str) -> dict[str, Any]:
+        """Load another checkpoint's weights; it must be the same model with the same config."""
+        parent = load_checkpoint(path)
+        if parent["model"] != self.cfg.model or parent["config"] != self.model.config_dict():
+            raise CheckpointError(f"{path} holds {parent['model']} with another configuration; cannot start from it")
+        self.model.load_state_dict(parent["state_dict"], strict=True)
+        return {"path": str(path), "sha256": file_sha256(path), "training": parent.get("training")}
 
     # -------------------------------------------------------------- resume
     def try_resume(self) -> bool:
@@ -230,7 +240,8 @@ class Trainer:
             "dataset": {"name": self.splits.name, "train": len(self.splits.train),
                         "holdout": len(self.splits.holdout), "test": len(self.splits.test)},
             "training": {"config": asdict(self.cfg), "epochs_done": epoch + 1, "weights": name,
-                         "seconds": round(self.elapsed, 1), "history": self.history, "torch": torch.__version__},
+                         "seconds": round(self.elapsed, 1), "history": self.history, "torch": torch.__version__,
+                         "parent": self.parent},
         }
 
     def _save(self, epoch: int) -> None:

@@ -6,6 +6,7 @@ of a threshold set and what the server does with it cannot drift apart.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +66,11 @@ class ExitTable:
         fractions = np.bincount(taken, minlength=self.num_exits) / n
         return accuracy, float(fractions @ self.costs), fractions
 
+    def correct_per_image(self, thresholds: np.ndarray) -> np.ndarray:
+        """N bools: is each image right at the exit it takes under ``thresholds``."""
+        taken = exits_taken(self.conf, thresholds)
+        return self.correct[taken, np.arange(self.conf.shape[1])]
+
     def static(self, k: int) -> np.ndarray:
         """Thresholds that send every image to exit ``k``."""
         t = np.full(self.num_exits, NEVER)
@@ -82,10 +88,7 @@ class ExitTable:
 
 def point_for_budget(calibration: Calibration, budget: float) -> BudgetPoint:
     """The calibrated point with the largest budget not above ``budget`` (never overspend);
-    below the cheapest point, the cheapest."""
-    curve = sorted(calibration.curve, key=lambda p: p.budget)
-    chosen = curve[0]
-    for point in curve:
-        if point.budget <= budget + 1e-12:
-            chosen = point
-    return chosen
+    below the cheapest point, the cheapest. The curve is sorted by budget on load."""
+    budgets = [p.budget for p in calibration.curve]
+    index = bisect.bisect_right(budgets, budget + 1e-12) - 1
+    return calibration.curve[max(index, 0)]

@@ -25,6 +25,11 @@ class ImageError(Exception):
         self.detail = detail
 
 
+def _may_carry_orientation(img) -> bool:
+    """EXIF lives in ``info`` (JPEG, PNG eXIf, WebP), in PNG text chunks, or in TIFF tags."""
+    return "exif" in img.info or "Raw profile type exif" in img.info or img.format == "TIFF"
+
+
 def decode_image(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
     """Bytes -> uint8 H x W x C at the model's size and channels.
 
@@ -52,7 +57,8 @@ def decode_image(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
         raise ImageError(413, "image_too_large", f"{width}x{height} is over the limit of {max_pixels} pixels")
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)
+        if _may_carry_orientation(img):  # parsing EXIF costs more than decoding a small PNG
+            img = ImageOps.exif_transpose(img)
         mode = "L" if spec.channels == 1 else "RGB"
         if img.mode in ("RGBA", "LA", "P") and mode == "RGB":
             img = img.convert("RGBA")

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 MANIFEST_FORMAT_VERSION = 1
 CALIBRATION_FORMAT_VERSION = 1
@@ -97,7 +97,7 @@ class Manifest(BaseModel):
 class BudgetPoint(BaseModel):
     budget: float  # mean cost per image as a fraction of the full network
     thresholds: list[float]  # one per exit; the last is always -inf (everything leaves)
-    method: Literal["reference", "search", "static"]
+    method: Literal["reference", "reference_truncated", "search", "static"]
     expected_accuracy: float
     expected_cost: float
     exit_fractions: list[float]
@@ -109,7 +109,14 @@ class Calibration(BaseModel):
     heldout: dict  # which split, how many images
     exit_accuracy: list[float]  # each exit alone, held-out
     cost_fractions: list[float]
-    curve: list[BudgetPoint]
+    curve: list[BudgetPoint]  # sorted by budget once here, looked up per request
+
+    @field_validator("curve")
+    @classmethod
+    def _sorted_by_budget(cls, curve: list[BudgetPoint]) -> list[BudgetPoint]:
+        if not curve:
+            raise ValueError("the budget curve is empty")
+        return sorted(curve, key=lambda p: p.budget)
 
 
 def _read_json(path: Path) -> dict:

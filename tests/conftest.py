@@ -24,6 +24,26 @@ def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _tiny_family_checkpoint(factory: pytest.TempPathFactory, model: str, **config) -> Path:
+    """A few training steps of a family's default model: real weights, real checkpoint."""
+    from models.train import TrainConfig, train
+
+    out = factory.mktemp(model) / f"{model}.pt"
+    train(TrainConfig(model=model, epochs=1, steps_per_epoch=3, batch_size=16, out=str(out), threads=1,
+                      ema_decay=0.0, model_config=config))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_espnetv2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny_family_checkpoint(tmp_path_factory, "espnetv2")
+
+
+@pytest.fixture(scope="session")
+def tiny_googlenet_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny_family_checkpoint(tmp_path_factory, "googlenet", width=0.125)
+
+
 @pytest.fixture(scope="session")
 def small_repository(small_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from exporter.export import export_repository

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
@@ -152,7 +152,7 @@ def _content_type(request: Request) -> str:
 
 @router.post("/classify", response_model=ClassifyResponse, responses=ERRORS, openapi_extra=SINGLE_BODY,
              summary="Classify one image (multipart field `file`, or the raw image as the body)")
-async def classify(request: Request, service: Service, settings: AppSettings) -> JSONResponse:
+async def classify(request: Request, service: Service, settings: AppSettings) -> Response:
     arrived = time.perf_counter()
     kind = _content_type(request)
     form = None
@@ -182,7 +182,8 @@ async def classify(request: Request, service: Service, settings: AppSettings) ->
         timings_ms=Timings(queue=round(outcome.queue_ms, 3), decode=round(decode_ms, 3),
                            inference=round(outcome.inference_ms, 3), total=round(total, 3)),
     )
-    return JSONResponse(response.model_dump())  # built and validated once, not again by FastAPI
+    # validated once when built; serialized by pydantic-core, not again by FastAPI
+    return Response(response.model_dump_json(), media_type="application/json")
 
 
 @router.post("/classify/batch", response_model=BatchResponse, responses=ERRORS, openapi_extra=BATCH_BODY,

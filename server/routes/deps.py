@@ -10,11 +10,14 @@ from server.service import InferenceService
 from server.settings import Settings
 
 
-def get_service(request: Request) -> InferenceService:
+# async: FastAPI runs plain ``def`` dependencies in its thread pool, a thread hop per request
+
+
+async def get_service(request: Request) -> InferenceService:
     return request.app.state.service
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 

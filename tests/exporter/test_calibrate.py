@@ -6,11 +6,13 @@ import pytest
 
 from exitserve.cli import main as cli
 from exporter.calibrate import (
+    GEOMETRIC_RATIOS,
     budget_curve,
     calibrate_repository,
     geometric_fractions,
     reference_candidates,
     reference_thresholds,
+    truncated_reference_candidates,
 )
 from server.policy import ExitTable, confidence, exits_taken, point_for_budget
 from server.repository import load_calibration
@@ -112,3 +114,51 @@ def test_entropy_rule_is_recorded(small_repository: Path, tmp_path: Path) -> Non
 def test_calibrate_missing_repository(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli(["calibrate", "--repository", str(tmp_path / "nothing")]) == 2
     assert "manifest.json is missing" in capsys.readouterr().err
+
+
+def test_search_does_not_chase_held_out_noise() -> None:
+    """Exit 1 is a coin flip independent of exit 0's confidence: no threshold set is
+    really better than another, and the gated search must not move off its start."""
+    rng = np.random.default_rng(3)
+    n = 5000
+    conf = np.array([rng.uniform(0, 1, n), np.ones(n)])
+    correct = np.array([rng.uniform(0, 1, n) < 0.7, rng.uniform(0, 1, n) < 0.7])
+    table = ExitTable(conf, correct, np.array([0.3, 1.0]))
+    _, picks = budget_curve(table)
+    moved = [s for s in picks["search"] if s.method == "search" and s.accuracy > 0]
+    starts_changed = [s for s, r in zip(picks["search"], picks["reference"])
+                      if s.method == "search" and not np.array_equal(s.thresholds, r.thresholds)
+                      and s.accuracy > r.accuracy]
+    assert not starts_changed, f"the search moved on noise at {len(starts_changed)} budgets ({len(moved)} search picks)"
+
+
+def test_curve_cuts_the_network_after_an_exit_better_than_the_last() -> None:
+    """The last exit is exit 1 with a few more mistakes (too few for a significance test,
+    as with the default MSDNet's exits 3 and 4): once the budget pays for exit 1, the curve
+    stops there instead of ending at the worse, dearer last exit."""
+    rng = np.random.default_rng(4)
+    n = 2000
+    conf = rng.uniform(0, 1, (3, n))
+    exit1 = rng.uniform(0, 1, n) < 0.95
+    exit2 = exit1.copy()
+    exit2[np.flatnonzero(exit1)[:4]] = False
+    correct = np.array([conf[0] > 0.6, exit1, exit2])
+    table = ExitTable(conf, correct, np.array([0.2, 0.5, 1.0]))
+    curve, _ = budget_curve(table)
+    exit1_alone = table.evaluate(table.static(1))[0]
+    for point in curve:
+        if 0.5 <= point.budget < 1.0:
+            assert point.expected_accuracy >= exit1_alone
+
+
+def test_truncated_reference_never_runs_past_its_exit() -> None:
+    rng = np.random.default_rng(5)
+    conf = rng.uniform(0, 1, (4, 500))
+    table = ExitTable(conf, rng.uniform(0, 1, (4, 500)) < 0.9, np.array([0.1, 0.3, 0.6, 1.0]))
+    families = truncated_reference_candidates(table)
+    assert sorted(families) == [1, 2]  # cut after exit 1 or 2; cutting after the last is the reference itself
+    for j, family in families.items():
+        assert len(family) == len(GEOMETRIC_RATIOS)
+        for candidate in family:
+            _, cost, fractions = table.evaluate(candidate.thresholds)
+            assert fractions[j + 1:].sum() == 0 and fractions[j] > 0 and cost <= table.costs[j] + 1e-12

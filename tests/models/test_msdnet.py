@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from models.checkpoint import strip_module_prefix
-from models.early_exit import run_stages
 from models.msdnet import MSDNetConfig
 from models.registry import create_model, list_models, register_model
 
@@ -77,38 +76,6 @@ def test_registry_rejects_duplicates_and_unknown_names() -> None:
 
     with pytest.raises(KeyError, match="unknown model"):
         create_model("resnet_imaginary")
-
-
-@pytest.mark.parametrize(
-    "name, shape, overrides",
-    [
-        ("msdnet_fmnist", (1, 28, 28), {}),
-        ("msdnet_cifar100_budget", (3, 32, 32), {}),
-        ("msdnet_cifar100_anytime", (3, 32, 32), {"prune": "min"}),
-    ],
-)
-def test_stages_compose_to_forward(name: str, shape: tuple, overrides: dict) -> None:
-    torch.manual_seed(0)
-    model = create_model(name, **overrides).eval()
-    x = torch.randn(3, *shape)
-    with torch.no_grad():
-        full = model(x)
-        staged = run_stages(model.stages(), x)
-    assert len(full) == len(staged) == len(model.exit_specs())
-    for a, b in zip(full, staged):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-def test_stage_carries_tensors_only_and_last_carries_nothing() -> None:
-    model = create_model("msdnet_fmnist").eval()
-    stages = model.stages()
-    carried = (torch.randn(2, 1, 28, 28),)
-    with torch.no_grad():
-        for i, stage in enumerate(stages):
-            carried, logits = stage(*carried)
-            assert logits.shape == (2, 10)
-            assert all(isinstance(t, torch.Tensor) for t in carried)
-            assert (len(carried) == 0) == (i == len(stages) - 1)
 
 
 def test_fmnist_variant_is_native_28x28_single_channel() -> None:
