@@ -60,7 +60,6 @@ def export_stages(
 ) -> list[ExportedStage]:
     """Write ``stage_XX.onnx`` for every stage; returns their input/output specs."""
     model = model.eval()
-    dtype = torch.float16 if fp16 else torch.float32
     dtype_name = "float16" if fp16 else "float32"
     carried: tuple[torch.Tensor, ...] = (torch.zeros(2, *input_shape),)
     exported: list[ExportedStage] = []
