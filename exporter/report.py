@@ -68,7 +68,8 @@ def plot_curves(reports: dict[str, dict], path: Path) -> None:
         ax.plot([rep["oracle"]["cost"]], [100 * rep["oracle"]["accuracy"]], "*", ms=12, label="oracle")
         final = 100 * statics[-1]["accuracy"]
         ax.axhline(final - 0.3, color="grey", lw=0.7, ls=":", label="final exit - 0.3 pt")
-        ax.set_ylim(max(0.0, 100 * statics[0]["accuracy"] - 2), 100 * max(rep["oracle"]["accuracy"], final) + 0.5)
+        lowest = min(100 * s["accuracy"] for s in statics)
+        ax.set_ylim(max(0.0, lowest - 1.0), max(100 * rep["oracle"]["accuracy"], final) + 0.5)
         ax.set_xlabel("mean cost per image (fraction of full network)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{name} ({rep['rule']}, {rep['images']} test images)")
