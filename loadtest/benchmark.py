@@ -105,39 +105,38 @@ def sequential_latency(url: str, blobs: list[bytes], params: dict, desc: str, ra
     return out
 
 
+def _median_inference_ms(blobs: list[bytes], spec, infer) -> dict:
+    """Decode and normalize each image first, then time ``infer(image)`` alone."""
+    from server.preprocess import decode_image, normalize
+
+    times = []
+    for blob in blobs:
+        image = normalize(decode_image(blob, spec, 10**8)[None], spec)
+        started = time.perf_counter()
+        infer(image)
+        times.append((time.perf_counter() - started) * 1000)
+    return {"median_ms": statistics.median(times)}
+
+
 def engine_latency(folder: Path, blobs: list[bytes], budget: float) -> dict:
     """The engine's own time for the same single images, in-process, no HTTP."""
     from server.engine import ModelEngine
-    from server.preprocess import decode_image, normalize
 
     engine = ModelEngine(folder, default_budget=budget, provider="cpu", online_budget=False)
     engine.warm_up()
     thresholds = engine.thresholds_for(budget)[None]
-    times = []
-    for blob in blobs:
-        image = normalize(decode_image(blob, engine.manifest.input, 10**8)[None], engine.manifest.input)
-        started = time.perf_counter()
-        engine.run(image, thresholds)
-        times.append((time.perf_counter() - started) * 1000)
-    return {"median_ms": statistics.median(times)}
+    return _median_inference_ms(blobs, engine.manifest.input, lambda image: engine.run(image, thresholds))
 
 
 def full_model_latency(folder: Path, blobs: list[bytes]) -> dict:
     """The plain server's own inference time: one ORT session of ``full_model.onnx``, in-process."""
     import onnxruntime as ort
 
-    from server.preprocess import decode_image, normalize
     from server.repository import load_manifest
 
     manifest = load_manifest(folder)
     session = ort.InferenceSession(str(folder / manifest.full_model), providers=["CPUExecutionProvider"])
-    times = []
-    for blob in blobs:
-        image = normalize(decode_image(blob, manifest.input, 10**8)[None], manifest.input)
-        started = time.perf_counter()
-        session.run(["probs"], {"image": image})
-        times.append((time.perf_counter() - started) * 1000)
-    return {"median_ms": statistics.median(times)}
+    return _median_inference_ms(blobs, manifest.input, lambda image: session.run(["probs"], {"image": image}))
 
 
 def batch_pass(client: httpx.Client, url: str, blobs: list[bytes], labels: np.ndarray, budget: float,
