@@ -32,7 +32,7 @@ Departures from the reference, none of which changes the ImageNet network's outp
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -41,7 +41,7 @@ from torch import nn
 
 from models.checkpoint import strip_module_prefix
 from models.early_exit import EarlyExitModel, ExitSpec, Stage
-from models.registry import register_model
+from models.registry import build_config, register_model
 
 # The reference configuration (EdgeNets ``espnetv2_config.py``): channels of level1..level5
 # and of the final expansion, per width scale s.
@@ -405,21 +405,6 @@ def load_reference_state_dict(model: ESPNetv2, state_dict: dict[str, torch.Tenso
     return heads
 
 
-def _create_espnetv2(
-    defaults: dict[str, Any], overrides: dict[str, Any], fixed: dict[str, Any] | None = None
-) -> ESPNetv2:
-    """Build from ``defaults`` updated by ``overrides``; ``fixed`` values may be repeated,
-    never changed, and unknown arguments are an error."""
-    known = {f.name for f in fields(ESPNetv2Config)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise TypeError(f"unknown ESPNetv2 argument(s) {unknown}; known: {sorted(known)}")
-    for key, value in (fixed or {}).items():
-        if key in overrides and overrides[key] != value:
-            raise ValueError(f"this variant has {key}={value!r}; got {key}={overrides[key]!r}")
-    return ESPNetv2(ESPNetv2Config(**{**defaults, **(fixed or {}), **overrides}))
-
-
 # ----------------------------------------------------------------------------- builders
 
 _FMNIST = dict(num_classes=10, in_channels=1, image_size=28)
@@ -433,16 +418,16 @@ _SMALL_DEFAULTS = dict(s=0.5)
 def espnetv2(**overrides: Any) -> ESPNetv2:
     """Family default (``exitserve train --model espnetv2``): s=0.5, sized for 28x28
     single-channel input with 10 classes unless told otherwise."""
-    return _create_espnetv2({**_SMALL_DEFAULTS, **_FMNIST}, overrides)
+    return ESPNetv2(build_config("espnetv2", ESPNetv2Config, {**_SMALL_DEFAULTS, **_FMNIST}, overrides))
 
 
 @register_model
 def espnetv2_imagenet(**overrides: Any) -> ESPNetv2:
     """The reference ImageNet network (3x224x224, 1000 classes), s=1.0 unless given."""
-    return _create_espnetv2(dict(s=1.0), overrides, fixed=_IMAGENET)
+    return ESPNetv2(build_config("espnetv2_imagenet", ESPNetv2Config, dict(s=1.0, **_IMAGENET), overrides, _IMAGENET))
 
 
 @register_model
 def espnetv2_fmnist(**overrides: Any) -> ESPNetv2:
     """The family default on native 28x28 single-channel Fashion-MNIST, 10 classes."""
-    return _create_espnetv2(_SMALL_DEFAULTS, overrides, fixed=_FMNIST)
+    return ESPNetv2(build_config("espnetv2_fmnist", ESPNetv2Config, {**_SMALL_DEFAULTS, **_FMNIST}, overrides, _FMNIST))

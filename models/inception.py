@@ -38,7 +38,7 @@ auxiliary weights loads into ``googlenet_imagenet()`` with ``strict=True``. Deci
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.early_exit import EarlyExitModel, ExitSpec, Stage
-from models.registry import register_model
+from models.registry import build_config, register_model
 
 # ----------------------------------------------------------------------------- blocks
 
@@ -386,24 +386,10 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-_CONFIG_KEYS = frozenset(f.name for f in fields(GoogLeNetConfig))
-
-
 def _create_googlenet(
     builder: str, defaults: dict[str, Any], overrides: dict[str, Any], fixed: tuple[str, ...] = ()
 ) -> GoogLeNet:
-    """Defaults updated by overrides; keys in ``fixed`` may be repeated but not changed."""
-    unknown = sorted(set(overrides) - _CONFIG_KEYS)
-    if unknown:
-        raise TypeError(f"{builder}: unknown config keys {unknown}; known: {sorted(_CONFIG_KEYS)}")
-    clash = [
-        f"{k}={overrides[k]!r} (it fixes {defaults[k]!r})"
-        for k in fixed
-        if k in overrides and overrides[k] != defaults[k]
-    ]
-    if clash:
-        raise ValueError(f"{builder}: conflicting arguments {', '.join(clash)}; use 'googlenet' for other values")
-    return GoogLeNet(GoogLeNetConfig(**{**defaults, **overrides}))
+    return GoogLeNet(build_config(builder, GoogLeNetConfig, defaults, overrides, fixed))
 
 
 # ----------------------------------------------------------------------------- builders

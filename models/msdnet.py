@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from models.early_exit import EarlyExitModel, ExitSpec, Stage
-from models.registry import register_model
+from models.registry import build_config, register_model
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -336,8 +336,8 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def _create_msdnet(defaults: dict[str, Any], overrides: dict[str, Any]) -> MSDNet:
-    return MSDNet(MSDNetConfig(**{**defaults, **overrides}))
+def _create_msdnet(builder: str, defaults: dict[str, Any], overrides: dict[str, Any]) -> MSDNet:
+    return MSDNet(build_config(builder, MSDNetConfig, defaults, overrides))
 
 
 # ----------------------------------------------------------------------------- builders
@@ -350,22 +350,23 @@ _ANYTIME = dict(_BUDGETED, nBlocks=7, stepmode="even", step=2, base=4)
 @register_model
 def msdnet(**overrides: Any) -> MSDNet:
     """Family default: the CIFAR budgeted-batch configuration, any input size and class count."""
-    return _create_msdnet(_BUDGETED, overrides)
+    return _create_msdnet("msdnet", _BUDGETED, overrides)
 
 
 @register_model
 def msdnet_cifar100_budget(**overrides: Any) -> MSDNet:
-    return _create_msdnet(dict(_BUDGETED, data="cifar100", num_classes=100), overrides)
+    return _create_msdnet("msdnet_cifar100_budget", dict(_BUDGETED, data="cifar100", num_classes=100), overrides)
 
 
 @register_model
 def msdnet_cifar100_anytime(**overrides: Any) -> MSDNet:
-    return _create_msdnet(dict(_ANYTIME, data="cifar100", num_classes=100), overrides)
+    return _create_msdnet("msdnet_cifar100_anytime", dict(_ANYTIME, data="cifar100", num_classes=100), overrides)
 
 
 @register_model
 def msdnet_imagenet(**overrides: Any) -> MSDNet:
     return _create_msdnet(
+        "msdnet_imagenet",
         dict(nBlocks=5, stepmode="even", step=4, base=4, nChannels=32, growthRate=16, grFactor=[1, 2, 4, 4],
              bnFactor=[1, 2, 4, 4], nScales=4, prune="max", reduction=0.5, bottleneck=True, data="imagenet",
              num_classes=1000, in_channels=3, image_size=224),
@@ -376,4 +377,5 @@ def msdnet_imagenet(**overrides: Any) -> MSDNet:
 @register_model
 def msdnet_fmnist(**overrides: Any) -> MSDNet:
     """The budgeted configuration on native 28x28 single-channel Fashion-MNIST input."""
-    return _create_msdnet(dict(_BUDGETED, data="fashion-mnist", num_classes=10, in_channels=1, image_size=28), overrides)
+    defaults = dict(_BUDGETED, data="fashion-mnist", num_classes=10, in_channels=1, image_size=28)
+    return _create_msdnet("msdnet_fmnist", defaults, overrides)

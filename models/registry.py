@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import fields, is_dataclass
 from typing import Any, TypeVar
 
 from torch import nn
 
 Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
+Config = TypeVar("Config")
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -19,6 +21,37 @@ def register_model(builder: Builder) -> Builder:
         raise ValueError(f"model {name!r} is already registered")
     _REGISTRY[name] = builder
     return builder
+
+
+def build_config(
+    builder: str,
+    config_type: type[Config],
+    defaults: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    fixed: Iterable[str] = (),
+) -> Config:
+    """The config a builder makes: ``defaults`` updated by ``overrides``.
+
+    A key that is not a field of ``config_type`` is a ``TypeError``. Keys in ``fixed`` are
+    what make the variant (an ImageNet builder's 1000 classes): repeating their default is
+    fine, because checkpoints rebuild through their own builder with their full config,
+    but changing it is a ``ValueError`` that names the family builder to use instead
+    (builders are named ``<family>`` or ``<family>_<variant>``).
+    """
+    assert is_dataclass(config_type), config_type
+    known = {f.name for f in fields(config_type)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"{builder}: unknown config keys {unknown}; known: {sorted(known)}")
+    clashes = [
+        f"{key}={overrides[key]!r} (this variant fixes {key}={defaults[key]!r})"
+        for key in fixed
+        if key in overrides and overrides[key] != defaults[key]
+    ]
+    if clashes:
+        family = builder.partition("_")[0]
+        raise ValueError(f"{builder}: conflicting arguments {', '.join(clashes)}; use {family!r} for other values")
+    return config_type(**{**defaults, **overrides})
 
 
 def _load_families() -> None:

@@ -42,3 +42,20 @@ def test_stages_compose_to_forward(name: str, shape: tuple, overrides: dict, bat
     for a, b in zip(full, staged):
         assert a.shape == (batch, model.cfg.num_classes)
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+FAMILIES = [("msdnet", "msdnet_imagenet"), ("espnetv2", "espnetv2_imagenet"), ("googlenet", "googlenet_imagenet")]
+
+
+@pytest.mark.parametrize("family, imagenet", FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_builders_share_one_argument_rule(family: str, imagenet: str) -> None:
+    """Every builder rejects keys its config lacks, and a variant's fixed keys may be
+    repeated (checkpoints rebuild through their own builder) but not changed."""
+    with pytest.raises(TypeError, match=rf"{family}: unknown config keys \['no_such_key'\]"):
+        create_model(family, no_such_key=1)
+    config = create_model(imagenet).config_dict()
+    create_model(imagenet, **config)  # the full config of the variant rebuilds it
+    if family != "msdnet":  # msdnet_imagenet is a preset: every key may change
+        with pytest.raises(ValueError, match=rf"{imagenet}: conflicting arguments num_classes=10 "
+                                             rf".*num_classes=1000.*use '{family}'"):
+            create_model(imagenet, num_classes=10)
