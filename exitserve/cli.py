@@ -51,6 +51,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-hflip", dest="hflip", action="store_false")
     p.add_argument("--erasing", type=float, default=d.erasing, help="random-erasing probability")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="0 disables the weight average")
+    p.add_argument("--ema-warmup", action="store_true",
+                   help="ramp the average's decay up as min(decay, (1+t)/(10+t)): it then does not "
+                        "start from the random weights")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--steps-per-epoch", type=int, default=None)
     p.add_argument("--model-config", type=_json_dict, default={}, help='JSON overrides, e.g. \'{"nBlocks": 4}\'')

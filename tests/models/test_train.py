@@ -3,10 +3,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from exitserve.cli import main as cli
 from models.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from models.train import JointExitLoss, Trainer, TrainConfig
+from models.train import JointExitLoss, Trainer, TrainConfig, ema_average_fn
 
 SMALL = {"nBlocks": 2, "nChannels": 8, "growthRate": 4}
 
@@ -95,3 +96,36 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureF
 def test_conflicting_model_config_raises(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="conflicts with dataset"):
         Trainer(small_config(tmp_path / "x.pt", model_config={**SMALL, "in_channels": 3}))
+
+
+def test_ema_warmup_follows_the_model_at_first() -> None:
+    """After the copy of the first update, plain EMA moves 0.1% of the way to the model;
+    with the warm-up, update t moves 1 - (1+t)/(10+t) of the way, until decay caps it."""
+    model = torch.nn.Linear(2, 2)
+    plain = AveragedModel(model, multi_avg_fn=ema_average_fn(0.999, warmup=False), use_buffers=True)
+    warm = AveragedModel(model, multi_avg_fn=ema_average_fn(0.999, warmup=True), use_buffers=True)
+    start = model.weight.detach().clone()
+    for averaged in (plain, warm):
+        averaged.update_parameters(model)  # the first update copies the model
+    with torch.no_grad():
+        model.weight.zero_()
+    for averaged in (plain, warm):
+        averaged.update_parameters(model)  # t = 1
+    torch.testing.assert_close(plain.module.weight, start * 0.999)
+    torch.testing.assert_close(warm.module.weight, start * (2 / 11))
+    for _ in range(20_000):  # capped at the decay once (1+t)/(10+t) passes it
+        warm.n_averaged += 1
+    with torch.no_grad():
+        before = warm.module.weight.clone()
+        model.weight.fill_(1.0)
+    warm.update_parameters(model)
+    torch.testing.assert_close(warm.module.weight, before * 0.999 + 0.001)
+
+
+def test_ema_warmup_is_recorded_and_trains(tmp_path: Path) -> None:
+    out = tmp_path / "warm.pt"
+    assert cli(["train", "--model", "msdnet", "--epochs", "1", "--steps-per-epoch", "5", "--batch-size", "16",
+                "--model-config", json.dumps(SMALL), "--threads", "1", "--ema-warmup", "--out", str(out)]) == 0
+    training = load_checkpoint(out)["training"]
+    assert training["config"]["ema_warmup"] is True
+    assert set(training["history"][-1]["holdout"]) == {"raw", "ema"}
