@@ -411,14 +411,14 @@ _FMNIST = dict(num_classes=10, in_channels=1, image_size=28)
 _IMAGENET = dict(num_classes=1000, in_channels=3, image_size=224)
 # s=0.5 keeps a Fashion-MNIST training step (batch 64) near 200 ms on two CPU cores; s=1.0
 # takes twice as long, mostly in the backward pass of the dilated depth-wise convolutions.
-_SMALL_DEFAULTS = dict(s=0.5)
+_SMALL_DEFAULTS = dict(s=0.5, **_FMNIST)
 
 
 @register_model
 def espnetv2(**overrides: Any) -> ESPNetv2:
     """Family default (``exitserve train --model espnetv2``): s=0.5, sized for 28x28
     single-channel input with 10 classes unless told otherwise."""
-    return ESPNetv2(build_config("espnetv2", ESPNetv2Config, {**_SMALL_DEFAULTS, **_FMNIST}, overrides))
+    return ESPNetv2(build_config("espnetv2", ESPNetv2Config, _SMALL_DEFAULTS, overrides))
 
 
 @register_model
@@ -430,4 +430,4 @@ def espnetv2_imagenet(**overrides: Any) -> ESPNetv2:
 @register_model
 def espnetv2_fmnist(**overrides: Any) -> ESPNetv2:
     """The family default on native 28x28 single-channel Fashion-MNIST, 10 classes."""
-    return ESPNetv2(build_config("espnetv2_fmnist", ESPNetv2Config, {**_SMALL_DEFAULTS, **_FMNIST}, overrides, _FMNIST))
+    return ESPNetv2(build_config("espnetv2_fmnist", ESPNetv2Config, _SMALL_DEFAULTS, overrides, _FMNIST))
