@@ -166,7 +166,6 @@ def test_truncated_reference_never_runs_past_its_exit() -> None:
             assert fractions[j + 1:].sum() == 0 and fractions[j] > 0 and cost <= table.costs[j] + 1e-12
 
 
-
 def test_leaving_the_reference_point_needs_significant_evidence() -> None:
     """Exits 1 and 2 disagree on 10 images and exit 1 is right on 6 of them: 2 images of
     evidence, within noise (ESPNetv2's exit 1 alone beat the reference point by 2 of 5,000
