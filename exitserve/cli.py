@@ -1,5 +1,6 @@
 """The ``exitserve`` command. Each subcommand imports its package lazily, so ``serve``
-never pulls in PyTorch and ``--help`` stays fast."""
+never pulls in PyTorch and ``--help`` stays fast: building the options imports only
+torch-free modules (the training config, the repository contract)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from models.checkpoint import ExitRecord
 
 _CHECKOUT = Path(__file__).resolve().parents[1]
 # the committed default model: beside the package in a checkout, else relative to the cwd
@@ -31,7 +35,7 @@ def _float_list(text: str) -> list[float]:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from models.train import TrainConfig
+    from models.train_config import TrainConfig  # not models.train: that imports torch
 
     d = TrainConfig()
     p = sub.add_parser("train", help="train a multi-exit model with the joint exit loss")
@@ -68,7 +72,7 @@ def _run_train(args: argparse.Namespace) -> int:
     fields = TrainConfig.__dataclass_fields__
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     checkpoint = train(cfg)
-    _print_exit_table(checkpoint["exits"], "test_accuracy")
+    _print_exit_table(checkpoint.exits, [e.test_accuracy for e in checkpoint.exits])
     return 0
 
 
@@ -84,44 +88,44 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from models.checkpoint import load_checkpoint, model_from_checkpoint
     from models.data import load_splits
     from models.evaluate import exit_accuracies
-    from models.preprocess import Preprocessing
 
     checkpoint = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(checkpoint)
-    prep = Preprocessing(**checkpoint["preprocessing"])
-    dataset = checkpoint["dataset"]["name"]
+    prep = checkpoint.preprocessing
+    dataset = checkpoint.dataset_name
     test = load_splits(dataset, args.data_dir, prep.size).test
     accuracies = exit_accuracies(model, test, prep, progress=not args.json)
-    exits = [
-        {"index": e["index"], "name": e["name"], "accuracy": acc, "flops": e["flops"], "params": e["params"]}
-        for e, acc in zip(checkpoint["exits"], accuracies)
-    ]
     if args.json:
-        print(json.dumps({"checkpoint": args.checkpoint, "model": checkpoint["model"], "dataset": dataset,
+        exits = [
+            {"index": e.index, "name": e.name, "accuracy": acc, "flops": e.flops, "params": e.params}
+            for e, acc in zip(checkpoint.exits, accuracies)
+        ]
+        print(json.dumps({"checkpoint": args.checkpoint, "model": checkpoint.model, "dataset": dataset,
                           "test_images": len(test), "exits": exits}, indent=2))
     else:
-        _print_exit_table(exits, "accuracy")
+        _print_exit_table(checkpoint.exits, accuracies)
     return 0
 
 
-def _print_exit_table(exits: list[dict], accuracy_key: str) -> None:
-    full = exits[-1]["flops"]
+def _print_exit_table(exits: Sequence[ExitRecord], accuracies: Sequence[float | None]) -> None:
+    full = exits[-1].flops
     print(f"{'exit':>4}  {'name':<14} {'accuracy':>9} {'MFLOPs':>8} {'of full':>8} {'params':>9}")
-    for e in exits:
-        acc = e.get(accuracy_key)
+    for e, acc in zip(exits, accuracies):
         acc_text = f"{100 * acc:8.2f}%" if acc is not None else "       -"
-        print(f"{e['index']:>4}  {e['name']:<14} {acc_text} {e['flops'] / 1e6:8.2f} "
-              f"{100 * e['flops'] / full:7.1f}% {e['params'] / 1e6:8.2f}M")
+        print(f"{e.index:>4}  {e.name:<14} {acc_text} {e.flops / 1e6:8.2f} "
+              f"{100 * e.flops / full:7.1f}% {e.params / 1e6:8.2f}M")
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
+    from exitserve.repository.format import DEFAULT_OPSET  # pydantic, no torch or ONNX Runtime
+
     p = sub.add_parser("export", help="checkpoint -> model repository (per-stage ONNX, manifest, parity gate)")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--out", required=True, help="model folder to write, e.g. model_repository/msdnet_fmnist")
     p.add_argument("--data-dir", default=None, help="dataset folder for the parity images")
     p.add_argument("--parity-images", type=int, default=512)
     p.add_argument("--fp16", action="store_true", help="half-precision graphs (for the CUDA provider)")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     p.set_defaults(handler=_run_export)
 
@@ -144,9 +148,11 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    from exitserve.repository.confidence import DEFAULT_RULE, RULES  # NumPy only
+
     p = sub.add_parser("calibrate", help="budget-aware exit thresholds from the held-out split")
     p.add_argument("--repository", required=True, help="model folder written by `exitserve export`")
-    p.add_argument("--rule", default="max_softmax", choices=["max_softmax", "entropy", "margin"])
+    p.add_argument("--rule", default=DEFAULT_RULE, choices=RULES)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--no-report", dest="report", action="store_false", help="skip the test-set report")
     p.set_defaults(handler=_run_calibrate)
@@ -185,7 +191,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from server.app import create_app
+    from server.http.app import create_app
     from server.settings import DEFAULT_MODEL, Settings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "default_budget": args.default_budget,

@@ -36,11 +36,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from models.data import load_splits
-from server.policy import ALWAYS, NEVER, ExitTable, confidence
-from server.preprocess import normalize
-from server.repository import BudgetPoint, Calibration, ConfidenceRule, Manifest, load_manifest, write_json
-from server.runtime import StagedModel
+from exitserve.repository.confidence import ALWAYS, DEFAULT_RULE, NEVER, ConfidenceRule
+from exitserve.repository.format import BudgetPoint, Calibration, load_manifest, write_json
+from exitserve.repository.runtime import StagedModel
+from exporter.exit_table import ExitTable, exit_table
+from models.data import SPLIT_SEED, ImageDataset, load_splits
 
 GEOMETRIC_RATIOS = np.round(np.arange(0.02, 2.0, 0.02), 4)
 QUANTILES = np.linspace(0.0, 1.0, 101)
@@ -219,44 +219,38 @@ def budget_curve(table: ExitTable, progress: bool = False) -> tuple[list[BudgetP
     return curve, picks
 
 
-def exit_table(staged: StagedModel, manifest: Manifest, images: np.ndarray, labels: np.ndarray,
-               rule: ConfidenceRule, batch_size: int = 500, desc: str = "exits") -> ExitTable:
-    """Run every image through every stage (none leaves early) and record each exit."""
-    conf = np.zeros((manifest.num_exits, len(images)))
-    correct = np.zeros((manifest.num_exits, len(images)), dtype=bool)
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
-        stop = start + batch_size
-        carried: list = [normalize(images[start:stop], manifest.input)]
-        for k in range(manifest.num_exits):
-            out = staged.run_stage(k, carried)
-            carried = out.carried
-            conf[k, start:stop] = confidence(out.probs, rule)
-            correct[k, start:stop] = out.probs.argmax(1) == labels[start:stop]
-    return ExitTable(conf, correct, np.asarray(manifest.cost_fractions()))
-
-
-def calibrate_repository(folder: str | Path, *, rule: ConfidenceRule = "max_softmax", data_dir: str | None = None,
-                         report: bool = True, progress: bool = True) -> tuple[Calibration, dict | None]:
-    folder = Path(folder)
-    manifest = load_manifest(folder)
-    staged = StagedModel(folder, manifest)
-    splits = load_splits(manifest.source.dataset, data_dir, manifest.input.size)
-    held = exit_table(staged, manifest, splits.holdout.images, splits.holdout.labels, rule, desc="held-out")
+def calibrate(staged: StagedModel, data: ImageDataset, rule: ConfidenceRule = DEFAULT_RULE,
+              progress: bool = True) -> tuple[Calibration, dict[str, list[Candidate]]]:
+    """The budget curve of ``staged`` on ``data`` (the held-out split, in the CLI). The
+    calibration records the split it was given, so calibrating on the test set shows."""
+    manifest = staged.manifest
+    held = exit_table(staged, manifest, data, rule)
     curve, picks = budget_curve(held, progress)
     calibration = Calibration(
         rule=rule,
-        heldout={"dataset": manifest.source.dataset, "split": "holdout", "images": len(splits.holdout),
-                 "seed": 0},
+        heldout={"dataset": manifest.source.dataset, "split": data.split, "images": len(data), "seed": SPLIT_SEED},
         exit_accuracy=[float(a) for a in held.correct.mean(axis=1)],
         cost_fractions=[float(c) for c in held.costs],
         curve=curve,
     )
+    return calibration, picks
+
+
+def calibrate_repository(folder: str | Path, *, rule: ConfidenceRule = DEFAULT_RULE, data_dir: str | None = None,
+                         report: bool = True, progress: bool = True) -> tuple[Calibration, dict | None]:
+    """``exitserve calibrate``: calibrate on the held-out split, write ``calibration.json``,
+    then (with ``report``) evaluate every point on the test set."""
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    staged = StagedModel(folder, manifest)
+    splits = load_splits(manifest.source.dataset, data_dir, manifest.input.size)
+    calibration, picks = calibrate(staged, splits.holdout, rule, progress)
     write_json(folder / "calibration.json", calibration)
     test_report = None
     if report:
-        from exporter.report import test_report as build_report, write_report
+        from exporter.report import build_test_report, write_report
 
-        test = exit_table(staged, manifest, splits.test.images, splits.test.labels, rule, desc="test")
-        test_report = build_report(manifest.name, calibration, picks, test)
+        test = exit_table(staged, manifest, splits.test, rule)
+        test_report = build_test_report(manifest.name, calibration, picks, test, splits.test.split)
         write_report(folder, test_report)
     return calibration, test_report

@@ -14,16 +14,25 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-import exporter
+import exitserve
+from exitserve.repository.format import (
+    DEFAULT_OPSET,
+    InputSpec,
+    Manifest,
+    SourceSpec,
+    StageSpec,
+    load_manifest,
+    write_json,
+)
+from exitserve.repository.preprocessing import normalize
+from exitserve.repository.runtime import StagedModel
 from exporter.latency import measure_stage_latency
-from exporter.onnx_export import OPSET, export_full_model, export_stages
+from exporter.onnx_export import ExportedStage, export_full_model, export_stages
 from exporter.parity import ParityError, ParityReport, check_parity, require_parity
-from models.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
+from models.checkpoint import Checkpoint, file_sha256, load_checkpoint, model_from_checkpoint
+from models.cost import ExitCost, exit_costs
 from models.data import load_splits
 from models.early_exit import EarlyExitModel
-from models.preprocess import Preprocessing
-from server.repository import InputSpec, Manifest, SourceSpec, StageSpec, load_manifest, write_json
-from server.runtime import StagedModel
 
 FP32_TOLERANCE = 1e-4
 FP16_TOLERANCE = 5e-2
@@ -52,7 +61,7 @@ def export_repository(
     data_dir: str | None = None,
     parity_images: int = 512,
     fp16: bool = False,
-    opset: int = OPSET,
+    opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
     progress: bool = True,
 ) -> tuple[Manifest, ParityReport]:
@@ -60,21 +69,23 @@ def export_repository(
     checkpoint = load_checkpoint(checkpoint_path)
     model = model_from_checkpoint(checkpoint)
     if not isinstance(model, EarlyExitModel):
-        raise ExportError(f"{checkpoint['model']} does not implement the early-exit interface")
-    prep = Preprocessing(**checkpoint["preprocessing"])
+        raise ExportError(f"{checkpoint.model} does not implement the early-exit interface")
+    prep, dataset = checkpoint.preprocessing, checkpoint.dataset_name
+    shape = (prep.channels, prep.size, prep.size)
+    costs = _exit_costs(model, shape, checkpoint)
     work = _prepare_out(out, overwrite)
     steps = tqdm(total=4, desc=f"export {out.name}", unit="step", disable=not progress)
     try:
         steps.set_postfix_str("tracing stages")
-        shape = (prep.channels, prep.size, prep.size)
         exported = export_stages(model, shape, work, opset=opset, fp16=fp16)
         full_file = export_full_model(model, shape, work, opset)
         steps.update()
 
         steps.set_postfix_str("parity")
-        test = load_splits(checkpoint["dataset"]["name"], data_dir, prep.size).test
-        images = prep.normalize(test.images[:parity_images]).numpy()
-        manifest = _manifest(out.name, checkpoint, Path(checkpoint_path), exported, prep, opset, fp16)
+        test = load_splits(dataset, data_dir, prep.size).test
+        # float32 whatever the precision: PyTorch computes the reference logits from these
+        images = normalize(test.images[:parity_images], prep.mean, prep.std, np.float32)
+        manifest = _manifest(out.name, checkpoint, Path(checkpoint_path), exported, costs, opset, fp16)
         staged = StagedModel(work, manifest, provider="auto" if fp16 else "cpu")
         report = check_parity(model, staged, images, FP16_TOLERANCE if fp16 else FP32_TOLERANCE,
                               "fp16" if fp16 else "fp32")
@@ -118,28 +129,44 @@ def _full_model_parity(path: Path, model, images: np.ndarray) -> float:
     return float(np.abs(got - want).max())
 
 
-def _manifest(name, checkpoint, checkpoint_path, exported, prep, opset, fp16) -> Manifest:
-    exits = checkpoint["exits"]
-    total = exits[-1]["flops"]
+def _exit_costs(model: EarlyExitModel, shape: tuple[int, int, int], checkpoint: Checkpoint) -> list[ExitCost]:
+    """Every exit's cost, measured on the model being exported (not read back from the
+    checkpoint, which recorded them when it was trained)."""
+    costs = exit_costs(model, shape)
+    recorded = [e.name for e in checkpoint.exits]
+    if [c.name for c in costs] != recorded:
+        raise ExportError(f"the model has exits {[c.name for c in costs]} but the checkpoint records {recorded}")
+    return costs
+
+
+def _manifest(
+    name: str,
+    checkpoint: Checkpoint,
+    checkpoint_path: Path,
+    exported: list[ExportedStage],
+    costs: list[ExitCost],
+    opset: int,
+    fp16: bool,
+) -> Manifest:
+    total = costs[-1].flops
     stages = [
         StageSpec(
-            index=e.index, file=e.file, inputs=e.inputs, outputs=e.outputs, carried_inputs=e.carried_inputs,
-            keep_input=e.keep_input, carried_outputs=e.carried_outputs, exit_name=x["name"],
-            flops=x["stage_flops"], cumulative_flops=x["flops"], params=x["stage_params"],
-            cost_fraction=x["flops"] / total, test_accuracy=x.get("test_accuracy"),
+            index=e.index, file=e.file, carried_inputs=e.carried_inputs, keep_input=e.keep_input,
+            carried_outputs=e.carried_outputs, exit_name=c.name, flops=c.stage_flops, cumulative_flops=c.flops,
+            params=c.stage_params, cost_fraction=c.flops / total, test_accuracy=x.test_accuracy,
         )
-        for e, x in zip(exported, exits)
+        for e, c, x in zip(exported, costs, checkpoint.exits, strict=True)
     ]
+    prep = checkpoint.preprocessing
     return Manifest(
         name=name,
-        exporter_version=exporter.__version__,
+        exporter_version=exitserve.__version__,
         opset=opset,
         precision="fp16" if fp16 else "fp32",
         input=InputSpec(channels=prep.channels, size=prep.size, mean=prep.mean, std=prep.std,
                         dtype="float16" if fp16 else "float32"),
-        labels=list(checkpoint["labels"]),
+        labels=list(checkpoint.labels),
         stages=stages,
         source=SourceSpec(checkpoint=str(checkpoint_path), sha256=file_sha256(checkpoint_path),
-                          model=checkpoint["model"], config=checkpoint["config"],
-                          dataset=checkpoint["dataset"]["name"]),
+                          model=checkpoint.model, config=checkpoint.config, dataset=checkpoint.dataset_name),
     )

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import numpy as np
 
-from server.repository import LatencySpec
-from server.runtime import StagedModel
+from exitserve.repository.format import LatencySpec
+from exitserve.repository.runtime import StagedModel
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -27,13 +28,10 @@ def measure_stage_latency(staged: StagedModel, image: np.ndarray, repeats: int =
     """
     timings: dict[int, list[float]] = {k: [] for k in range(staged.num_stages)}
     for batch in (1, 64):
-        carried: list = [np.repeat(image[None], batch, axis=0)]
-        for k in range(staged.num_stages):
-            inputs = carried
-            outputs = []
-            ms = _median_ms(lambda: outputs.append(staged.run_stage(k, inputs)), repeats if batch == 1 else max(3, repeats // 4))
-            timings[k].append(ms)
-            carried = outputs[-1].carried  # the next stage's input, from the last timed run
+        runs = repeats if batch == 1 else max(3, repeats // 4)
+        # every stage is timed on the inputs the untimed full-depth pass hands it
+        for k, inputs, _ in staged.iter_stages(np.repeat(image[None], batch, axis=0)):
+            timings[k].append(_median_ms(partial(staged.run_stage, k, inputs), runs))
     return [
         LatencySpec(provider=staged.provider, batch_1_ms=round(t[0], 4), batch_64_ms=round(t[1], 4))
         for _, t in sorted(timings.items())

@@ -16,9 +16,9 @@ import onnx
 import torch
 from torch import nn
 
-from server.repository import TensorSpec
+from exitserve.repository.format import DEFAULT_OPSET
 
-OPSET = 17
+OPSET = DEFAULT_OPSET
 BATCH = "batch"
 
 
@@ -44,30 +44,23 @@ class ExportableStage(nn.Module):
 class ExportedStage:
     index: int
     file: str
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
     carried_inputs: list[str]
     keep_input: str | None
     carried_outputs: list[str]
 
 
-def _dynamic(shape: list[int]) -> list[int | str]:
-    return [BATCH, *shape[1:]]
-
-
 def export_stages(
     model: nn.Module, input_shape: tuple[int, int, int], out_dir: Path, opset: int = OPSET, fp16: bool = False
 ) -> list[ExportedStage]:
-    """Write ``stage_XX.onnx`` for every stage; returns their input/output specs."""
+    """Write ``stage_XX.onnx`` for every stage; returns their input and output names."""
     model = model.eval()
-    dtype_name = "float16" if fp16 else "float32"
     carried: tuple[torch.Tensor, ...] = (torch.zeros(2, *input_shape),)
     exported: list[ExportedStage] = []
     for index, stage in enumerate(model.stages()):
         gathers = index > 0
         carried_inputs = ["image"] if index == 0 else [f"carried_in_{i}" for i in range(len(carried))]
         with torch.no_grad():
-            next_carried, logits = stage(*carried)
+            next_carried, _ = stage(*carried)
         carried_outputs = [f"carried_out_{i}" for i in range(len(next_carried))]
         input_names = carried_inputs + (["keep"] if gathers else [])
         output_names = carried_outputs + ["logits", "probs"]
@@ -95,15 +88,7 @@ def export_stages(
                 do_constant_folding=True,
             )
         onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-        classes = logits.shape[1]
-        inputs = [TensorSpec(name=n, shape=_dynamic(list(t.shape)), dtype=dtype_name) for n, t in zip(carried_inputs, carried)]
-        if gathers:
-            inputs.append(TensorSpec(name="keep", shape=["kept"], dtype="int64"))
-        outputs = [TensorSpec(name=n, shape=_dynamic(list(t.shape)), dtype=dtype_name) for n, t in zip(carried_outputs, next_carried)]
-        outputs += [TensorSpec(name=n, shape=[BATCH, classes], dtype=dtype_name) for n in ("logits", "probs")]
-        exported.append(
-            ExportedStage(index, path.name, inputs, outputs, carried_inputs, "keep" if gathers else None, carried_outputs)
-        )
+        exported.append(ExportedStage(index, path.name, carried_inputs, "keep" if gathers else None, carried_outputs))
         carried = tuple(next_carried)
     return exported
 

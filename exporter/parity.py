@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from server.runtime import StagedModel
+from exitserve.repository.runtime import StagedModel
 
 
 class ParityError(RuntimeError):
@@ -41,13 +41,8 @@ def onnx_exit_logits(staged: StagedModel, images: np.ndarray, batch_size: int = 
     """Every exit's logits through the ONNX stages (all images kept at every stage)."""
     per_batch = []
     for start in range(0, len(images), batch_size):
-        carried: list = [images[start : start + batch_size]]
-        logits = []
-        for index in range(staged.num_stages):
-            out = staged.run_stage(index, carried, want_logits=True)
-            carried = out.carried
-            logits.append(out.logits.astype(np.float32))
-        per_batch.append(logits)
+        stages = staged.iter_stages(images[start : start + batch_size], want_logits=True)
+        per_batch.append([out.logits.astype(np.float32) for _, _, out in stages])
     return [np.concatenate(chunks) for chunks in zip(*per_batch)]
 
 

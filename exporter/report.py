@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from server.policy import ExitTable
-from server.repository import Calibration
+from exitserve.repository.format import Calibration
+from exporter.exit_table import ExitTable
 
 
-def test_report(name: str, calibration: Calibration, picks: dict, test: ExitTable) -> dict:
+def build_test_report(name: str, calibration: Calibration, picks: dict, test: ExitTable, split: str) -> dict:
+    """Every calibrated point (and each method's own pick) measured on ``test``."""
     def measured(thresholds) -> dict:
         acc, cost, fractions = test.evaluate(np.asarray(thresholds))
         return {"accuracy": acc, "cost": cost, "exit_fractions": fractions.round(4).tolist()}
@@ -36,8 +37,8 @@ def test_report(name: str, calibration: Calibration, picks: dict, test: ExitTabl
     return {
         "model": name,
         "rule": calibration.rule,
-        "split": "test",
-        "images": int(test.conf.shape[1]),
+        "split": split,
+        "images": test.num_images,
         "curve": curve,
         "static_exits": statics,
         "oracle": {"accuracy": oracle_acc, "cost": oracle_cost},

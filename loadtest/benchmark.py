@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import http.client
-import io
 import json
 import os
 import statistics
@@ -24,16 +23,10 @@ from urllib.parse import urlencode, urlsplit
 
 import httpx
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
+from loadtest.images import encode_image
 from models.data import load_splits
-
-
-def encode_png(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def start(cmd: list[str], url: str, env: dict | None = None, timeout: float = 180) -> subprocess.Popen:
@@ -107,11 +100,11 @@ def sequential_latency(url: str, blobs: list[bytes], params: dict, desc: str, ra
 
 def _median_inference_ms(blobs: list[bytes], spec, infer) -> dict:
     """Decode and normalize each image first, then time ``infer(image)`` alone."""
-    from server.preprocess import decode_image, normalize
+    from server.preprocess import decode_image
 
     times = []
     for blob in blobs:
-        image = normalize(decode_image(blob, spec, 10**8)[None], spec)
+        image = spec.normalize(decode_image(blob, spec, 10**8)[None])
         started = time.perf_counter()
         infer(image)
         times.append((time.perf_counter() - started) * 1000)
@@ -122,17 +115,17 @@ def engine_latency(folder: Path, blobs: list[bytes], budget: float) -> dict:
     """The engine's own time for the same single images, in-process, no HTTP."""
     from server.engine import ModelEngine
 
-    engine = ModelEngine(folder, default_budget=budget, provider="cpu", online_budget=False)
+    engine = ModelEngine.load(folder, default_budget=budget, provider="cpu", online_budget=False)
     engine.warm_up()
-    thresholds = engine.thresholds_for(budget)[None]
-    return _median_inference_ms(blobs, engine.manifest.input, lambda image: engine.run(image, thresholds))
+    thresholds = engine.policy.thresholds_for(budget)[None]
+    return _median_inference_ms(blobs, engine.manifest.input, lambda image: engine.run_thresholds(image, thresholds))
 
 
 def full_model_latency(folder: Path, blobs: list[bytes]) -> dict:
     """The plain server's own inference time: one ORT session of ``full_model.onnx``, in-process."""
     import onnxruntime as ort
 
-    from server.repository import load_manifest
+    from exitserve.repository.format import load_manifest
 
     manifest = load_manifest(folder)
     session = ort.InferenceSession(str(folder / manifest.full_model), providers=["CPUExecutionProvider"])
@@ -203,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.repository / args.model
     report = json.loads((folder / "calibration_report.json").read_text())
     test = load_splits("fashion-mnist").test
-    blobs = [encode_png(p) for p in tqdm(test.images, desc="encode test images", leave=False)]
+    blobs = [encode_image(p) for p in tqdm(test.images, desc="encode test images", leave=False)]
     labels = test.labels
     budget = pick_budget(report)
     ours_url, plain_url = f"http://127.0.0.1:{args.port}", f"http://127.0.0.1:{args.port + 1}"

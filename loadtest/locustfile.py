@@ -9,24 +9,17 @@ server's), ``EXITSERVE_LOAD_IMAGES`` (how many Fashion-MNIST test images to cycl
 
 from __future__ import annotations
 
-import io
 import os
 import random
 
 from locust import HttpUser, between, tag, task
-from PIL import Image
+
+from loadtest.images import encoded_test_images
 
 
 def _encoded_test_images(count: int) -> list[tuple[bytes, int]]:
-    from models.data import load_splits
-
-    test = load_splits("fashion-mnist").test
-    out = []
-    for pixels, label in zip(test.images[:count], test.labels[:count]):
-        buf = io.BytesIO()
-        Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buf, format="PNG")
-        out.append((buf.getvalue(), int(label)))
-    return out
+    blobs, labels = encoded_test_images(count)
+    return [(blob, int(label)) for blob, label in zip(blobs, labels)]
 
 
 IMAGES = _encoded_test_images(int(os.environ.get("EXITSERVE_LOAD_IMAGES", "512")))

@@ -1,58 +1,153 @@
 """Checkpoints carry everything needed to rebuild and use a model.
 
-A checkpoint is a dict with ``format``, ``model`` (registered name), ``config`` (builder
-arguments), ``state_dict``, ``labels``, ``preprocessing`` (channels, size, mean, std,
-layout), ``exits`` (per-exit cost and measured accuracy), ``dataset`` and ``training``.
-Resume state (optimizer, scheduler, RNG) lives in a side file so the released weights
-stay small.
+In memory a checkpoint is a :class:`Checkpoint`: ``model`` (registered name), ``config``
+(builder arguments), ``state_dict``, ``labels``, ``preprocessing`` (a
+:class:`~models.preprocess.Preprocessing`), ``exits`` (one :class:`ExitRecord` per exit:
+cost and measured accuracy), ``dataset`` and ``training``. On disk it is the plain dict
+of :meth:`Checkpoint.to_dict` (``format`` plus those keys), so files load without this
+module's classes. Resume state (optimizer, scheduler, RNG) lives in a side file, a plain
+dict written by :func:`save_resume_state`, so the released weights stay small.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from models.cost import ExitCost
+from models.preprocess import Preprocessing
 from models.registry import create_model
 
 CHECKPOINT_FORMAT = "exitserve-checkpoint/1"
+REQUIRED_KEYS = ("model", "config", "state_dict", "labels", "preprocessing", "exits")
 
 
 class CheckpointError(ValueError):
     """A file is not a usable exitserve checkpoint."""
 
 
-def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class ExitRecord(ExitCost):
+    """One exit as trained: its cost and its measured accuracy."""
+
+    holdout_accuracy: float | None = None
+    test_accuracy: float | None = None  # None until the final checkpoint of a run
+
+    @classmethod
+    def from_cost(cls, cost: ExitCost, holdout_accuracy: float | None, test_accuracy: float | None) -> ExitRecord:
+        return cls(**cost.to_dict(), holdout_accuracy=holdout_accuracy, test_accuracy=test_accuracy)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ExitRecord:
+        return cls(**values)
+
+
+@dataclass(eq=False)  # == would compare the state dicts' tensors, which has no single answer
+class Checkpoint:
+    model: str
+    config: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    labels: list[str]
+    preprocessing: Preprocessing
+    exits: list[ExitRecord]
+    dataset: dict[str, Any] = field(default_factory=dict)  # name and split sizes
+    training: dict[str, Any] = field(default_factory=dict)  # config, history, parent, ...
+
+    @property
+    def dataset_name(self) -> str:
+        try:
+            return self.dataset["name"]
+        except KeyError:
+            raise CheckpointError("checkpoint does not record its dataset's name") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The on-disk form (the tensors are shared, not copied)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model,
+            "config": self.config,
+            "state_dict": self.state_dict,
+            "labels": self.labels,
+            "preprocessing": self.preprocessing.to_dict(),
+            "exits": [e.to_dict() for e in self.exits],
+            "dataset": self.dataset,
+            "training": self.training,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Checkpoint:
+        """Validate the on-disk form; ``CheckpointError`` says what is wrong."""
+        if not isinstance(raw, Mapping) or raw.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"not an exitserve checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+        for key in REQUIRED_KEYS:
+            if key not in raw:
+                raise CheckpointError(f"checkpoint lacks {key!r}")
+        try:
+            preprocessing = Preprocessing.from_dict(raw["preprocessing"])
+        except (TypeError, AttributeError) as exc:
+            raise CheckpointError(f"malformed 'preprocessing' ({exc})") from exc
+        try:
+            exits = [ExitRecord.from_dict(e) for e in raw["exits"]]
+        except (TypeError, AttributeError) as exc:
+            raise CheckpointError(f"malformed 'exits' ({exc})") from exc
+        return cls(
+            model=raw["model"],
+            config=raw["config"],
+            state_dict=raw["state_dict"],
+            labels=list(raw["labels"]),
+            preprocessing=preprocessing,
+            exits=exits,
+            dataset=raw.get("dataset", {}),
+            training=raw.get("training", {}),
+        )
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
     """Write atomically so an interrupted run never leaves a broken file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(checkpoint, tmp)
+    torch.save(obj, tmp)
     tmp.replace(path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
+    _atomic_save(checkpoint.to_dict(), Path(path))
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        raw = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch.load raises many types on garbage
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({exc})") from exc
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not an exitserve checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-    for key in ("model", "config", "state_dict", "labels", "preprocessing", "exits"):
-        if key not in checkpoint:
-            raise CheckpointError(f"{path}: checkpoint lacks {key!r}")
-    return checkpoint
+    try:
+        return Checkpoint.from_dict(raw)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc.__cause__
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
+def save_resume_state(path: str | Path, state: dict[str, Any]) -> None:
+    """The training side file (optimizer, scheduler, EMA, history): a plain dict."""
+    _atomic_save(state, Path(path))
+
+
+def load_resume_state(path: str | Path) -> dict[str, Any]:
+    return torch.load(Path(path), map_location="cpu", weights_only=False)
+
+
+def model_from_checkpoint(checkpoint: Checkpoint) -> nn.Module:
     """Rebuild the model through the registry and load its weights strictly, in eval mode."""
-    model = create_model(checkpoint["model"], **checkpoint["config"])
-    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    model = create_model(checkpoint.model, **checkpoint.config)
+    model.load_state_dict(checkpoint.state_dict, strict=True)
     return model.eval()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +32,14 @@ class DatasetError(ValueError):
 
 @dataclass
 class ImageDataset:
-    """``images``: N x H x W x C uint8; ``labels``: N int64."""
+    """``images``: N x H x W x C uint8; ``labels``: N int64; ``split``: which split this
+    is ("train", "holdout", "test" from :func:`load_splits`; "" when not from a split),
+    so a consumer can record what it was actually given."""
 
     images: np.ndarray
     labels: np.ndarray
     classes: list[str]
+    split: str = ""
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.dtype != np.uint8:
@@ -58,7 +61,11 @@ class ImageDataset:
         return int(self.images.shape[1])
 
     def subset(self, indices: np.ndarray) -> "ImageDataset":
-        return ImageDataset(self.images[indices], self.labels[indices], self.classes)
+        return ImageDataset(self.images[indices], self.labels[indices], self.classes, self.split)
+
+    def named(self, split: str) -> "ImageDataset":
+        """The same images under another split name (no copy)."""
+        return replace(self, split=split)
 
     def mean_std(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of pixels scaled to [0, 1]."""
@@ -234,4 +241,4 @@ def load_splits(name: str, data_dir: str | Path | None = None, image_size: int |
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     holdout = HOLDOUT_SIZE.get(name, max(1, len(full) // 10))
     train, held = holdout_split(full, holdout)
-    return DataSplits(name, train, held, test)
+    return DataSplits(name, train.named("train"), held.named("holdout"), test.named("test"))

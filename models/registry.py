@@ -58,7 +58,7 @@ def _load_families() -> None:
     # importing a family module runs its @register_model decorators
     import models.msdnet  # noqa: F401
     import models.espnetv2  # noqa: F401
-    import models.inception  # noqa: F401
+    import models.googlenet  # noqa: F401
 
 
 def list_models() -> list[str]:

@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,39 +26,23 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from models.augment import random_crop, random_erasing, random_hflip
-from models.checkpoint import CHECKPOINT_FORMAT, CheckpointError, file_sha256, load_checkpoint, save_checkpoint
+from models.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    ExitRecord,
+    file_sha256,
+    load_checkpoint,
+    load_resume_state,
+    save_checkpoint,
+    save_resume_state,
+)
 from models.cost import exit_costs
 from models.data import DataSplits, load_splits
 from models.early_exit import EarlyExitModel
 from models.evaluate import exit_accuracies
 from models.preprocess import Preprocessing
 from models.registry import create_model
-
-
-@dataclass
-class TrainConfig:
-    model: str = "msdnet"
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    out: str = "runs/msdnet_fmnist.pt"
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    exit_weights: list[float] | None = None  # default: 1 for every exit
-    distill: float = 0.5  # share of the early exits' loss taken from the last exit's soft labels
-    temperature: float = 3.0
-    crop_padding: int | None = None  # default: size // 8
-    hflip: bool = True
-    erasing: float = 0.0
-    ema_decay: float = 0.999  # 0 disables the weight average
-    ema_warmup: bool = False  # decay min(ema_decay, (1+t)/(10+t)) at update t (see ema_average_fn)
-    seed: int = 0
-    steps_per_epoch: int | None = None  # cap (for smoke tests); default: a full pass
-    model_config: dict[str, Any] = field(default_factory=dict)
-    threads: int | None = None
-    init_from: str | None = None  # start from this checkpoint's weights (fine-tuning, warm restarts)
+from models.train_config import TrainConfig
 
 
 AverageFn = Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]
@@ -168,16 +152,16 @@ class Trainer:
     def _load_parent(self, path: str) -> dict[str, Any]:
         """Load another checkpoint's weights; it must be the same model with the same config."""
         parent = load_checkpoint(path)
-        if parent["model"] != self.cfg.model or parent["config"] != self.model.config_dict():
-            raise CheckpointError(f"{path} holds {parent['model']} with another configuration; cannot start from it")
-        self.model.load_state_dict(parent["state_dict"], strict=True)
-        return {"path": str(path), "sha256": file_sha256(path), "training": parent.get("training")}
+        if parent.model != self.cfg.model or parent.config != self.model.config_dict():
+            raise CheckpointError(f"{path} holds {parent.model} with another configuration; cannot start from it")
+        self.model.load_state_dict(parent.state_dict, strict=True)
+        return {"path": str(path), "sha256": file_sha256(path), "training": parent.training}
 
     # -------------------------------------------------------------- resume
     def try_resume(self) -> bool:
         if not self.resume_path.exists():
             return False
-        state = torch.load(self.resume_path, map_location="cpu", weights_only=False)
+        state = load_resume_state(self.resume_path)
         if state["train_config"] != asdict(self.cfg):
             raise ValueError(f"{self.resume_path} was written with another configuration; delete it to start over")
         self.model.load_state_dict(state["model"])
@@ -228,7 +212,7 @@ class Trainer:
             models["ema"] = self.ema.module
         return models
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> Checkpoint:
         resumed = self.try_resume()
         if resumed:
             tqdm.write(f"resuming {self.out} after epoch {self.start_epoch}")
@@ -252,28 +236,23 @@ class Trainer:
         name = max(last, key=lambda k: (np.mean(last[k]), last[k][-1]))
         return name, self.candidates()[name], last[name]
 
-    def _checkpoint(self, epoch: int, final: bool) -> dict[str, Any]:
+    def _checkpoint(self, epoch: int, final: bool) -> Checkpoint:
         name, model, holdout_acc = self._best_candidate()
         costs = exit_costs(self.model, (self.prep.channels, self.prep.size, self.prep.size))
         test_acc = exit_accuracies(model, self.splits.test, self.prep) if final else [None] * self.num_exits
-        exits = [
-            {**c.to_dict(), "holdout_accuracy": h, "test_accuracy": t}
-            for c, h, t in zip(costs, holdout_acc, test_acc)
-        ]
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "model": self.cfg.model,
-            "config": self.model.config_dict(),
-            "state_dict": copy.deepcopy(model.state_dict()),
-            "labels": self.splits.train.classes,
-            "preprocessing": self.prep.to_dict(),
-            "exits": exits,
-            "dataset": {"name": self.splits.name, "train": len(self.splits.train),
-                        "holdout": len(self.splits.holdout), "test": len(self.splits.test)},
-            "training": {"config": asdict(self.cfg), "epochs_done": epoch + 1, "weights": name,
-                         "seconds": round(self.elapsed, 1), "history": self.history, "torch": torch.__version__,
-                         "parent": self.parent},
-        }
+        return Checkpoint(
+            model=self.cfg.model,
+            config=self.model.config_dict(),
+            state_dict=copy.deepcopy(model.state_dict()),
+            labels=self.splits.train.classes,
+            preprocessing=self.prep,
+            exits=[ExitRecord.from_cost(c, h, t) for c, h, t in zip(costs, holdout_acc, test_acc)],
+            dataset={"name": self.splits.name, "train": len(self.splits.train),
+                     "holdout": len(self.splits.holdout), "test": len(self.splits.test)},
+            training={"config": asdict(self.cfg), "epochs_done": epoch + 1, "weights": name,
+                      "seconds": round(self.elapsed, 1), "history": self.history, "torch": torch.__version__,
+                      "parent": self.parent},
+        )
 
     def _save(self, epoch: int) -> None:
         save_checkpoint(self.out, self._checkpoint(epoch, final=False))
@@ -282,9 +261,9 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
         }
-        save_checkpoint(self.resume_path, state)
+        save_resume_state(self.resume_path, state)
 
-    def release(self) -> dict[str, Any]:
+    def release(self) -> Checkpoint:
         """Write the final checkpoint with test accuracy; the resume file is then dropped."""
         checkpoint = self._checkpoint(self.cfg.epochs - 1, final=True)
         save_checkpoint(self.out, checkpoint)
@@ -292,5 +271,5 @@ class Trainer:
         return checkpoint
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def train(cfg: TrainConfig) -> Checkpoint:
     return Trainer(cfg).run()

@@ -3,7 +3,8 @@
 A batch takes every image queued while the previous batch ran (up to
 ``max_batch_size``), optionally waiting ``max_queue_delay`` for more. Inference runs on the model's one worker thread (off the
 event loop; ONNX Runtime releases the GIL). The queue is bounded in images: a full queue
-refuses at once, so the route can answer 503 with Retry-After instead of piling up.
+refuses at once (``Overloaded``) instead of piling up. A batch that fails fails its own
+requests; the loop goes on.
 """
 
 from __future__ import annotations
@@ -13,17 +14,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import numpy as np
 
-from server.engine import ExitResult, ModelEngine
+from server.engine import EngineRun, ModelEngine
+from server.errors import Overloaded
+from server.policy import ExitResult
 
-T = TypeVar("T")
-
-
-class QueueFull(Exception):
-    """The model's queue holds ``max_queue_images`` already."""
+BatchObserver = Callable[[str, int, dict[int, float]], None]  # model, images, per-stage ms
 
 
 @dataclass
@@ -51,7 +49,7 @@ class DynamicBatcher:
         max_batch_size: int,
         max_queue_delay_ms: float,
         max_queue_images: int,
-        on_batch: Callable[[ModelEngine, int, dict[int, float]], None] | None = None,
+        on_batch: BatchObserver | None = None,
     ) -> None:
         self.engine = engine
         self.max_batch_size = max_batch_size
@@ -77,7 +75,7 @@ class DynamicBatcher:
 
     def _reserve(self, images: int) -> None:
         if self.pending_images + images > self.max_queue_images:
-            raise QueueFull(f"{self.pending_images} images are queued for {self.engine.name}")
+            raise Overloaded(f"{self.pending_images} images are queued for {self.engine.name}")
         self.pending_images += images
 
     async def submit(self, image: np.ndarray, thresholds: np.ndarray, deadline: float) -> BatchOutcome:
@@ -86,13 +84,19 @@ class DynamicBatcher:
         self.queue.put_nowait(Pending(image, thresholds, deadline, future))
         return await future
 
-    async def run_job(self, images: int, fn: Callable[[], T]) -> T:
+    async def run_job(self, images: int, fn: Callable[[], EngineRun]) -> list[ExitResult]:
         """Run a whole job (the batch endpoint) on the model's worker thread, in turn."""
         self._reserve(images)
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+            run = await asyncio.get_running_loop().run_in_executor(self.executor, fn)
         finally:
             self.pending_images -= images
+        self._report(images, run)
+        return run.results
+
+    def _report(self, images: int, run: EngineRun) -> None:
+        if self.on_batch:
+            self.on_batch(self.engine.name, images, run.stage_ms)
 
     async def _collect(self) -> list[Pending]:
         """Everything already queued, then (if ``max_queue_delay`` > 0) what arrives
@@ -122,31 +126,25 @@ class DynamicBatcher:
             if not live:
                 continue
             started = time.perf_counter()
-            images = np.stack([p.image for p in live])
-            thresholds = np.stack([p.thresholds for p in live])
-            deadlines = np.array([p.deadline for p in live])
-            has_deadline = bool(np.isfinite(deadlines).any())
             try:
-                results = await loop.run_in_executor(
-                    self.executor, self._infer, images, thresholds, deadlines if has_deadline else None
-                )
+                images = np.stack([p.image for p in live])
+                thresholds = np.stack([p.thresholds for p in live])
+                deadlines = np.array([p.deadline for p in live])
+                run = await loop.run_in_executor(self.executor, self.engine.run_thresholds, images, thresholds,
+                                                 deadlines)
+                if len(run.results) != len(live):
+                    raise RuntimeError(f"the engine answered {len(run.results)} images of {len(live)}")
             except Exception as exc:  # a failed batch fails its own requests, not the server
                 for p in live:
                     if not p.future.done():
                         p.future.set_exception(exc)
             else:
+                self._report(len(live), run)
                 inference_ms = (time.perf_counter() - started) * 1000
-                for p, result in zip(live, results, strict=True):
+                for p, result in zip(live, run.results):
                     if not p.future.done():
                         p.future.set_result(
                             BatchOutcome(result, (started - p.enqueued) * 1000, inference_ms, len(live))
                         )
             finally:
                 self.pending_images -= len(live)
-
-    def _infer(self, images: np.ndarray, thresholds: np.ndarray, deadlines: np.ndarray | None) -> list[ExitResult]:
-        results = self.engine.run(images, thresholds, deadlines)
-        if self.on_batch:
-            self.on_batch(self.engine, len(images), dict(self.engine.last_stage_ms))
-        return results
-

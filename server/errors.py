@@ -1,44 +1,68 @@
-"""Every error leaves the server as JSON ``{"error": CODE, "detail": TEXT}``."""
+"""Domain errors: what went wrong, in the service's terms. No HTTP here.
+
+Each carries a stable ``code`` (the ``error`` field clients see) and a human ``detail``.
+``server.http.errors`` maps each class to a status code and headers, in one place.
+"""
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+class ServingError(Exception):
+    """Base class: a request the service cannot answer, and why."""
 
-class APIError(Exception):
-    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
+    code = "error"
+
+    def __init__(self, detail: str, code: str | None = None) -> None:
         super().__init__(detail)
-        self.status = status
-        self.code = code
         self.detail = detail
-        self.headers = headers
+        if code is not None:
+            self.code = code
 
 
-def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+class NotReady(ServingError):
+    """Models are loading, failed to load, or the server is draining."""
+
+    code = "not_ready"
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.detail, exc.headers)
+class UnknownModel(ServingError):
+    """The request names a model the repository does not hold."""
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body"))
-            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
+    code = "unknown_model"
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(500, "internal_error", f"{type(exc).__name__}: the server failed; see its log")
+class Overloaded(ServingError):
+    """The model's queue is full: retry later."""
+
+    code = "overloaded"
+
+
+class InvalidOptions(ServingError):
+    """Options that cannot be honoured (bad budget, thresholds, top_k, conflicts); the
+    code names which (``invalid_budget``, ``conflicting_options``, ...)."""
+
+    code = "invalid_request"
+
+
+class BadImage(ServingError):
+    """An upload that is not a usable image."""
+
+    code = "bad_image"
+
+
+class EmptyImage(BadImage):
+    code = "empty_file"
+
+
+class NotAnImage(BadImage):
+    code = "not_an_image"
+
+
+class ImageTooLarge(BadImage):
+    """Over the pixel limit (decompression bombs), refused before decoding."""
+
+    code = "image_too_large"
+
+
+class CorruptImage(BadImage):
+    code = "corrupt_image"

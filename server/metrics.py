@@ -8,7 +8,7 @@ LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 
 
 
 class Metrics:
-    def __init__(self, max_exits: int = 8) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.request_latency = Histogram(
@@ -19,10 +19,6 @@ class Metrics:
             "exitserve_requests_total", "Requests answered, by route and HTTP status.", ["route", "status"], registry=r
         )
         self.images = Counter("exitserve_images_total", "Images classified.", ["model"], registry=r)
-        self.exit_depth = Histogram(
-            "exitserve_exit_depth", "Index of the exit each image left at (0 = first exit).", ["model"],
-            buckets=tuple(float(i) for i in range(max_exits)), registry=r,
-        )
         self.exits = Counter("exitserve_exits_total", "Images per exit taken.", ["model", "exit"], registry=r)
         self.deadline_hits = Counter(
             "exitserve_deadline_exits_total", "Images answered early because of their deadline.", ["model"], registry=r
@@ -53,7 +49,6 @@ class Metrics:
     def observe_results(self, model: str, exits: list[int], costs: list[float], deadline_hits: int) -> None:
         self.images.labels(model).inc(len(exits))
         for e in exits:
-            self.exit_depth.labels(model).observe(e)
             self.exits.labels(model, str(e)).inc()
         self.cost.labels(model).inc(sum(costs))
         if deadline_hits:

@@ -1,94 +1,304 @@
-"""Exit policies: confidence rules, threshold exits and budget lookup (NumPy only).
+"""Every exit decision, in NumPy: who leaves after each stage, and what a budget buys.
 
-The calibrator and the serving engine share these functions, so the offline evaluation
-of a threshold set and what the server does with it cannot drift apart.
+The engine runs stages; this module decides. A *schedule* is one run's decisions: before
+stage ``k`` the engine asks it which images run (``keep``), after the stage it hands
+over their probabilities (``observe``). Three schedules:
+
+* ``ThresholdSchedule``: an image leaves at the first exit whose confidence reaches its
+  threshold (per image, so one batch mixes budgets);
+* the same with deadlines: before a stage, an image whose deadline the stage would pass
+  (by the latency predictor) is answered with its best exit so far;
+* ``BudgetedSchedule``: the whole batch spends at most ``budget`` x N x full cost; after
+  each stage the images the thresholds would continue go on least confident first, as
+  long as the remaining allowance pays for them.
+
+``ExitPolicy`` is a model's long-lived policy state: calibrated budget -> thresholds
+lookup, the online budget controller and the per-stage latency predictors. No ONNX
+Runtime and no HTTP here: it is tested on synthetic probabilities.
 """
 
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.repository import BudgetPoint, Calibration, ConfidenceRule
+from exitserve.repository.confidence import (
+    ALWAYS,
+    DEFAULT_RULE,
+    ConfidenceRule,
+    confidence,
+    full_depth_thresholds,
+    leaves,
+)
+from exitserve.repository.format import BudgetPoint, Calibration, Manifest
+from server.errors import InvalidOptions
 
-NEVER = 1e9  # a threshold no confidence reaches: never leave at this exit
-ALWAYS = -1e9  # every image leaves (the last exit)
-RULES: tuple[ConfidenceRule, ...] = ("max_softmax", "entropy", "margin")
-
-
-def confidence(probs: np.ndarray, rule: ConfidenceRule = "max_softmax") -> np.ndarray:
-    """Per-image confidence in [0, 1] from N x classes probabilities.
-
-    max_softmax: the top probability; margin: top minus runner-up; entropy:
-    1 - H(p) / log(classes), so every rule reads "higher is surer".
-    """
-    probs = np.asarray(probs, dtype=np.float64)
-    if rule == "max_softmax":
-        return probs.max(axis=1)
-    if rule == "margin":
-        top2 = np.partition(probs, -2, axis=1)[:, -2:]
-        return top2[:, 1] - top2[:, 0]
-    if rule == "entropy":
-        entropy = -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=1)
-        return 1.0 - entropy / np.log(probs.shape[1])
-    raise ValueError(f"unknown confidence rule {rule!r}; known: {', '.join(RULES)}")
-
-
-def exits_taken(conf: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Index of the first exit whose confidence reaches its threshold (the last exit always).
-
-    ``conf``: K x N confidences, ``thresholds``: K values.
-    """
-    passes = conf >= np.asarray(thresholds)[:, None]
-    passes[-1] = True
-    return passes.argmax(axis=0)
+Clock = Callable[[], float]
+BUDGET_EPSILON = 1e-12
 
 
 @dataclass
-class ExitTable:
-    """Every exit's confidence and correctness for every image of a split."""
+class ExitResult:
+    """What one image got: the exit it left at, and what it cost."""
 
-    conf: np.ndarray  # K x N
-    correct: np.ndarray  # K x N bool
-    costs: np.ndarray  # K cumulative cost fractions
+    exit_index: int
+    stages_run: int
+    probs: np.ndarray
+    confidence: float
+    cost_fraction: float  # cumulative cost of the stages run / full network
+    deadline_hit: bool = False
 
-    @property
-    def num_exits(self) -> int:
-        return self.conf.shape[0]
 
-    def evaluate(self, thresholds: np.ndarray) -> tuple[float, float, np.ndarray]:
-        """(accuracy, mean cost fraction, fraction of images per exit) under ``thresholds``."""
-        taken = exits_taken(self.conf, thresholds)
-        n = self.conf.shape[1]
-        accuracy = float(self.correct[taken, np.arange(n)].mean())
-        fractions = np.bincount(taken, minlength=self.num_exits) / n
-        return accuracy, float(fractions @ self.costs), fractions
+# ---------------------------------------------------------------------------- per run
 
-    def correct_per_image(self, thresholds: np.ndarray) -> np.ndarray:
-        """N bools: is each image right at the exit it takes under ``thresholds``."""
-        taken = exits_taken(self.conf, thresholds)
-        return self.correct[taken, np.arange(self.conf.shape[1])]
 
-    def static(self, k: int) -> np.ndarray:
-        """Thresholds that send every image to exit ``k``."""
-        t = np.full(self.num_exits, NEVER)
-        t[k:] = ALWAYS
-        return t
+class Schedule:
+    """Bookkeeping shared by every schedule: which original image each running row is,
+    and each image's result once it has one."""
 
-    def oracle(self) -> tuple[float, float]:
-        """Each image leaves at the first exit that is right (the last if none is)."""
-        right = self.correct.copy()
-        right[-1] = True
-        taken = right.argmax(axis=0)
-        accuracy = float(self.correct.any(axis=0).mean())
-        return accuracy, float(self.costs[taken].mean())
+    def __init__(self, n: int, costs: np.ndarray, rule: ConfidenceRule) -> None:
+        self.costs = np.asarray(costs, dtype=np.float64)
+        self.rule = rule
+        self.num_exits = len(self.costs)
+        self._results: list[ExitResult | None] = [None] * n
+        self.rows = np.arange(n)  # original index of each row that ran the last stage
+        self.continuing: np.ndarray | None = None  # positions in ``rows`` that go on
+
+    def keep(self, k: int) -> np.ndarray | None:
+        """Indices, into the rows that ran stage ``k - 1``, of the images that run stage
+        ``k``; None at stage 0 (every image runs it)."""
+        return None if k == 0 else self.continuing
+
+    def observe(self, k: int, probs: np.ndarray) -> None:
+        """Stage ``k`` ran on the rows ``keep(k)`` chose; ``probs``: their N_kept x classes."""
+        if k > 0:
+            self.rows = self.rows[self.continuing]
+        conf = confidence(probs, self.rule)
+        self._seen(k, conf, probs)
+        go_on = self._decide(k, conf) if k < self.num_exits - 1 else np.zeros(len(conf), bool)
+        for j in np.flatnonzero(~go_on):
+            self._results[self.rows[j]] = ExitResult(k, k + 1, probs[j], float(conf[j]), float(self.costs[k]))
+        self.continuing = np.flatnonzero(go_on)
+
+    def _seen(self, k: int, conf: np.ndarray, probs: np.ndarray) -> None:
+        """Hook: stage ``k``'s confidences for ``self.rows``, before anyone leaves."""
+
+    def _decide(self, k: int, conf: np.ndarray) -> np.ndarray:
+        """Which rows (of those that ran stage ``k``, not the last) continue."""
+        raise NotImplementedError
+
+    def results(self) -> list[ExitResult]:
+        missing = [i for i, r in enumerate(self._results) if r is None]
+        if missing:
+            raise RuntimeError(f"{len(missing)} images have no exit: the run stopped before they left")
+        return self._results  # type: ignore[return-value]
+
+
+class ThresholdSchedule(Schedule):
+    """Per-image thresholds (N x K), optionally per-image deadlines (N absolute clock seconds,
+    inf: none) checked against the predicted latency of the next stage."""
+
+    def __init__(self, thresholds: np.ndarray, costs: np.ndarray, rule: ConfidenceRule,
+                 deadlines: np.ndarray | None = None, latency: Sequence[StageLatency] = (),
+                 clock: Clock = time.perf_counter) -> None:
+        super().__init__(len(thresholds), costs, rule)
+        self.thresholds = np.asarray(thresholds, dtype=np.float64)
+        self.deadlines = deadlines if deadlines is not None and np.isfinite(deadlines).any() else None
+        if self.deadlines is not None and len(latency) != self.num_exits:
+            raise ValueError("deadlines need one latency predictor per stage")
+        self.latency = latency
+        self.clock = clock
+        n = len(thresholds)
+        self.best_conf = np.full(n, -np.inf)
+        self.best_exit = np.zeros(n, dtype=np.int64)
+        self.best_probs: np.ndarray | None = None
+
+    def keep(self, k: int) -> np.ndarray | None:
+        keep = super().keep(k)
+        if keep is None or self.deadlines is None or len(keep) == 0:
+            return keep
+        running = self.rows[keep]
+        predicted_end = self.clock() + self.latency[k].predict_ms(len(running)) / 1000
+        late = self.deadlines[running] < predicted_end
+        for i in running[late]:
+            self._results[i] = ExitResult(int(self.best_exit[i]), k, self.best_probs[i], float(self.best_conf[i]),
+                                          float(self.costs[k - 1]), deadline_hit=True)
+        self.continuing = keep[~late]
+        return self.continuing
+
+    def _seen(self, k: int, conf: np.ndarray, probs: np.ndarray) -> None:
+        if self.deadlines is None:
+            return
+        if self.best_probs is None:  # each image's most confident exit so far: its answer if time runs out
+            self.best_probs = np.zeros((len(self.best_conf), probs.shape[1]), dtype=probs.dtype)
+        better = conf > self.best_conf[self.rows]
+        self.best_conf[self.rows[better]] = conf[better]
+        self.best_exit[self.rows[better]] = k
+        self.best_probs[self.rows[better]] = probs[better]
+
+    def _decide(self, k: int, conf: np.ndarray) -> np.ndarray:
+        return ~leaves(conf, self.thresholds[self.rows, k])
+
+
+class BudgetedSchedule(Schedule):
+    """The whole batch within ``budget`` x N x full cost (the batch endpoint)."""
+
+    def __init__(self, n: int, budget: float, thresholds: np.ndarray, costs: np.ndarray,
+                 rule: ConfidenceRule) -> None:
+        super().__init__(n, costs, rule)
+        self.thresholds = np.asarray(thresholds, dtype=np.float64)
+        self.allowance = budget * n
+        self.spent = 0.0
+
+    def observe(self, k: int, probs: np.ndarray) -> None:
+        ran = len(probs)
+        self.spent += ran * (self.costs[k] - (self.costs[k - 1] if k else 0.0))
+        super().observe(k, probs)
+
+    def _decide(self, k: int, conf: np.ndarray) -> np.ndarray:
+        step = self.costs[k + 1] - self.costs[k]
+        affordable = max(int(math.floor((self.allowance - self.spent) / step + 1e-9)), 0)
+        wanting = np.flatnonzero(~leaves(conf, self.thresholds[k]))
+        chosen = wanting[np.argsort(conf[wanting], kind="stable")][:affordable]  # least confident first
+        go_on = np.zeros(len(conf), bool)
+        go_on[chosen] = True
+        return go_on
+
+
+# ---------------------------------------------------------------------------- per model
+
+
+class StageLatency:
+    """Predicts a stage's latency for a batch size from the manifest's batch-1 and
+    batch-64 measurements, scaled by a running ratio of measured to predicted."""
+
+    MAX_RATIO = 20.0  # one stalled run (a page fault, a noisy neighbour) moves the ratio at most this far
+
+    def __init__(self, batch_1_ms: float, batch_64_ms: float, smoothing: float = 0.1) -> None:
+        self.batch_1_ms = batch_1_ms
+        self.batch_64_ms = max(batch_64_ms, batch_1_ms)
+        self.ratio = 1.0
+        self.smoothing = smoothing
+        self._lock = threading.Lock()
+
+    def _base(self, batch: int) -> float:
+        return self.batch_1_ms + (self.batch_64_ms - self.batch_1_ms) * (batch - 1) / 63.0
+
+    def predict_ms(self, batch: int) -> float:
+        return self._base(max(batch, 1)) * self.ratio
+
+    def observe(self, batch: int, measured_ms: float) -> None:
+        ratio = measured_ms / max(self._base(max(batch, 1)), 1e-6)
+        with self._lock:
+            self.ratio += self.smoothing * (min(ratio, self.MAX_RATIO) - self.ratio)
+
+
+@dataclass
+class BudgetController:
+    """Holds the *measured* mean cost of default-budget traffic at the configured budget
+    by nudging the budget it looks thresholds up with (the exit mix drifts from the
+    held-out mix). An integral controller on an exponential average of the cost."""
+
+    target: float
+    floor: float
+    gain: float = 0.005  # budget change per image per unit of cost error
+    smoothing: float = 0.01  # weight of each new image in the measured mean
+    effective: float = field(init=False)
+    measured: float | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.effective = self.target
+
+    def observe(self, costs: Sequence[float]) -> None:
+        for cost in costs:
+            self.measured = cost if self.measured is None else self.measured + self.smoothing * (cost - self.measured)
+        if self.measured is not None:
+            adjusted = self.effective + self.gain * (self.target - self.measured) * len(costs)
+            self.effective = float(min(1.0, max(self.floor, adjusted)))
 
 
 def point_for_budget(calibration: Calibration, budget: float) -> BudgetPoint:
     """The calibrated point with the largest budget not above ``budget`` (never overspend);
     below the cheapest point, the cheapest. The curve is sorted by budget on load."""
     budgets = [p.budget for p in calibration.curve]
-    index = bisect.bisect_right(budgets, budget + 1e-12) - 1
+    index = bisect.bisect_right(budgets, budget + BUDGET_EPSILON) - 1
     return calibration.curve[max(index, 0)]
+
+
+class ExitPolicy:
+    """One model's exit policy: thresholds for a budget, the controller, the predictors."""
+
+    def __init__(self, manifest: Manifest, calibration: Calibration | None, *, default_budget: float,
+                 online_budget: bool = True, clock: Clock = time.perf_counter) -> None:
+        self.costs = np.asarray(manifest.cost_fractions(), dtype=np.float64)
+        self.calibration = calibration
+        self.rule: ConfidenceRule = calibration.rule if calibration else DEFAULT_RULE
+        self.default_budget = default_budget
+        self.controller = BudgetController(default_budget, self.min_budget) if online_budget else None
+        self.latency = [
+            StageLatency(s.latency.batch_1_ms, s.latency.batch_64_ms) if s.latency else StageLatency(1.0, 10.0)
+            for s in manifest.stages
+        ]
+        self.clock = clock
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.costs)
+
+    @property
+    def min_budget(self) -> float:
+        """The cost of the first exit: no image can cost less."""
+        return float(self.costs[0])
+
+    @property
+    def effective_budget(self) -> float:
+        """What default-budget requests look thresholds up with now."""
+        return self.controller.effective if self.controller else self.default_budget
+
+    def thresholds_for(self, budget: float | None) -> np.ndarray:
+        """Thresholds of the calibrated point for ``budget`` (the effective default when None)."""
+        if budget is None:
+            budget = self.effective_budget
+        if self.calibration is None:  # uncalibrated: full depth is the only honest choice
+            return full_depth_thresholds(self.num_exits)
+        return np.asarray(point_for_budget(self.calibration, budget).thresholds, dtype=np.float64)
+
+    def expected_accuracy(self, budget: float) -> float | None:
+        if self.calibration is None:
+            return None
+        return point_for_budget(self.calibration, budget).expected_accuracy
+
+    def explicit_thresholds(self, values: Sequence[float]) -> np.ndarray:
+        """A client's own thresholds: one per exit but the last (a last one is accepted
+        and ignored: everyone left leaves at the last exit)."""
+        values = list(values)
+        if len(values) == self.num_exits - 1:
+            values.append(ALWAYS)
+        if len(values) != self.num_exits:
+            raise InvalidOptions(f"this model has {self.num_exits} exits: give {self.num_exits - 1} thresholds",
+                                 code="invalid_thresholds")
+        values[-1] = ALWAYS
+        return np.asarray(values, dtype=np.float64)
+
+    def check_batch_budget(self, budget: float) -> None:
+        if budget < self.min_budget - BUDGET_EPSILON:
+            raise InvalidOptions(f"budget {budget} is below the cost of the first exit ({self.min_budget:.4f})",
+                                 code="invalid_budget")
+
+    def threshold_schedule(self, thresholds: np.ndarray, deadlines: np.ndarray | None = None) -> ThresholdSchedule:
+        return ThresholdSchedule(thresholds, self.costs, self.rule, deadlines, self.latency, self.clock)
+
+    def budgeted_schedule(self, n: int, budget: float) -> BudgetedSchedule:
+        self.check_batch_budget(budget)
+        return BudgetedSchedule(n, budget, self.thresholds_for(budget), self.costs, self.rule)
+
+    def observe_default_budget_costs(self, costs: Sequence[float]) -> None:
+        """Feed the online controller: only traffic at the default budget may move it."""
+        if self.controller is not None:
+            self.controller.observe(costs)

@@ -1,6 +1,7 @@
-"""The inference service the routes depend on: models, batchers, policy options.
+"""The inference service the routes depend on: models, batchers, request options.
 
-Routes validate and await; everything about running models lives behind this class.
+Routes validate and await; everything about running models lives behind this class. It
+speaks in domain errors (``server.errors``): the HTTP layer turns them into responses.
 """
 
 from __future__ import annotations
@@ -8,22 +9,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
-from server.batcher import BatchOutcome, DynamicBatcher, QueueFull
-from server.engine import ExitResult, ModelEngine
-from server.errors import APIError
+from exitserve.repository.format import RepositoryError
+from server.batcher import BatchOutcome, DynamicBatcher
+from server.engine import ModelEngine
+from server.errors import InvalidOptions, NotReady, Overloaded, UnknownModel
 from server.metrics import Metrics
-from server.preprocess import decode_image, normalize
-from server.repository import RepositoryError
+from server.policy import ExitResult
+from server.preprocess import decode_image
 from server.settings import DEFAULT_MODEL, Settings
 
 log = logging.getLogger(__name__)
 
 INLINE_DECODE_BYTES = 32 * 1024
+DRAIN_TIMEOUT_S = 30
+T = TypeVar("T")
 
 
 @dataclass
@@ -32,6 +38,11 @@ class RequestOptions:
     deadline_ms: float | None = None
     top_k: int = 1
     thresholds: list[float] | None = None
+
+    @property
+    def default_budget(self) -> bool:
+        """The request leaves the budget to the server (and so may feed its controller)."""
+        return self.budget is None and self.thresholds is None
 
 
 def find_models(repository: Path) -> list[Path]:
@@ -58,14 +69,14 @@ class InferenceService:
     def _load_engines(self) -> dict[str, ModelEngine]:
         engines = {}
         for folder in find_models(self.settings.model_repository):
-            engine = ModelEngine(
+            engine = ModelEngine.load(
                 folder, default_budget=self.settings.default_budget, provider=self.settings.provider,
                 io_binding=self.settings.io_binding, intra_op_threads=self.settings.intra_op_threads,
                 online_budget=self.settings.online_budget,
             )
             engine.warm_up(self.settings.warmup_batches)
             log.info("loaded %s: %d stages on %s (IO binding %s)", engine.name, engine.num_exits,
-                     engine.staged.provider, "on" if engine.staged.use_binding else "off")
+                     engine.runtime.provider, "on" if engine.runtime.use_binding else "off")
             engines[engine.name] = engine
         return engines
 
@@ -77,6 +88,10 @@ class InferenceService:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("could not load the model repository: %s", self.load_error)
             return
+        self.attach(engines)
+
+    def attach(self, engines: dict[str, ModelEngine]) -> None:
+        """Serve these loaded engines: a batcher each, then ready (on the running loop)."""
         self.engines = engines
         wanted = self.settings.default_model
         if wanted and wanted not in engines:
@@ -88,95 +103,81 @@ class InferenceService:
             batcher = DynamicBatcher(
                 engine, max_batch_size=self.settings.max_batch_size,
                 max_queue_delay_ms=self.settings.max_queue_delay_ms,
-                max_queue_images=self.settings.max_queue_images, on_batch=self._on_batch,
+                max_queue_images=self.settings.max_queue_images, on_batch=self.metrics.observe_batch,
             )
             batcher.start()
             self.batchers[name] = batcher
-            self.metrics.budget.labels(name).set(engine.default_budget)
-            self.metrics.effective_budget.labels(name).set(engine.default_budget)
+            self.metrics.budget.labels(name).set(engine.policy.default_budget)
+            self.metrics.effective_budget.labels(name).set(engine.policy.effective_budget)
         self.ready = True
 
     async def stop(self) -> None:
         self.draining = True
-        deadline = time.monotonic() + 30  # in-flight work gets 30 s to finish
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S  # in-flight work gets this long to finish
         for batcher in self.batchers.values():
             while batcher.pending_images > 0 and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             await batcher.stop()
 
-    def _on_batch(self, engine: ModelEngine, size: int, stage_ms: dict[int, float]) -> None:
-        self.metrics.observe_batch(engine.name, size, stage_ms)
-
     # ------------------------------------------------------------------ lookups
     def engine(self, name: str | None) -> ModelEngine:
+        """The model ``name`` (the default when None); ``NotReady`` while loading or after a
+        failed load, ``UnknownModel`` for a name the repository does not hold."""
         if not self.ready:
-            raise APIError(503, "not_ready", self.load_error or "models are still loading",
-                           {"Retry-After": str(self.settings.retry_after_s)})
+            raise NotReady(self.load_error or "models are still loading")
         key = name or self.default_model
         if key not in self.engines:
-            raise APIError(404, "unknown_model", f"no model {key!r}; serving: {', '.join(sorted(self.engines))}")
+            raise UnknownModel(f"no model {key!r}; serving: {', '.join(sorted(self.engines))}")
         return self.engines[key]
 
     def thresholds(self, engine: ModelEngine, options: RequestOptions) -> tuple[np.ndarray, float | None]:
+        """The request's thresholds, and the budget they come from (None for explicit ones)."""
         if options.thresholds is not None:
             if options.budget is not None:
-                raise APIError(422, "conflicting_options", "give either budget or thresholds, not both")
-            values = list(options.thresholds)
-            if len(values) == engine.num_exits - 1:
-                values.append(-1e9)
-            if len(values) != engine.num_exits:
-                raise APIError(422, "invalid_thresholds",
-                               f"{engine.name} has {engine.num_exits} exits: give {engine.num_exits - 1} thresholds")
-            values[-1] = -1e9
-            return np.asarray(values, dtype=np.float64), None
+                raise InvalidOptions("give either budget or thresholds, not both", code="conflicting_options")
+            return engine.policy.explicit_thresholds(options.thresholds), None
         budget = options.budget
-        return engine.thresholds_for(budget), budget if budget is not None else engine.default_budget
+        return engine.policy.thresholds_for(budget), budget if budget is not None else engine.policy.default_budget
 
     # ------------------------------------------------------------------ work
     async def decode(self, data: bytes, engine: ModelEngine) -> tuple[np.ndarray, float]:
-        """Small uploads decode inline (cheaper than a thread hop); larger ones off the loop."""
+        """Small uploads decode inline (cheaper than a thread hop); larger ones off the loop.
+        Raises ``BadImage`` (one of its kinds) for anything that is not a usable image."""
         started = time.perf_counter()
         args = (data, engine.manifest.input, self.settings.max_pixels)
         pixels = decode_image(*args) if len(data) <= INLINE_DECODE_BYTES else await asyncio.to_thread(decode_image, *args)
-        image = normalize(pixels[None], engine.manifest.input)[0]
+        image = engine.manifest.input.normalize(pixels[None])[0]
         return image, (time.perf_counter() - started) * 1000
 
     async def classify(self, engine: ModelEngine, image: np.ndarray, thresholds: np.ndarray,
                        options: RequestOptions, arrived: float) -> BatchOutcome:
         deadline = arrived + options.deadline_ms / 1000 if options.deadline_ms else float("inf")
         batcher = self.batchers[engine.name]
-        try:
-            outcome = await batcher.submit(image, thresholds, deadline)
-        except QueueFull as exc:
-            self.metrics.rejected.labels(engine.name).inc()
-            raise APIError(503, "overloaded", str(exc), {"Retry-After": str(self.settings.retry_after_s)}) from None
-        finally:
-            self.metrics.queue_depth.labels(engine.name).set(batcher.pending_images)
-        self._account(engine, [outcome.result], default_budget=options.budget is None and options.thresholds is None)
+        outcome = await self._queued(engine, batcher.submit(image, thresholds, deadline))
+        self._account(engine, [outcome.result], options.default_budget)
         return outcome
 
     async def classify_budgeted(self, engine: ModelEngine, images: np.ndarray, budget: float) -> list[ExitResult]:
-        if budget < engine.min_budget - 1e-12:
-            raise APIError(422, "invalid_budget",
-                           f"budget {budget} is below the cost of {engine.name}'s first exit ({engine.min_budget:.4f})")
+        schedule = engine.policy.budgeted_schedule(len(images), budget)  # refuses a budget below the first exit
         batcher = self.batchers[engine.name]
-        try:
-            results = await batcher.run_job(len(images), lambda: self._budgeted(engine, images, budget))
-        except QueueFull as exc:
-            self.metrics.rejected.labels(engine.name).inc()
-            raise APIError(503, "overloaded", str(exc), {"Retry-After": str(self.settings.retry_after_s)}) from None
+        results = await self._queued(engine, batcher.run_job(len(images), lambda: engine.run(images, schedule)))
         self._account(engine, results, default_budget=False)
         return results
 
-    def _budgeted(self, engine: ModelEngine, images: np.ndarray, budget: float) -> list[ExitResult]:
-        results = engine.run_budgeted(images, budget)
-        self._on_batch(engine, len(images), dict(engine.last_stage_ms))
-        return results
+    async def _queued(self, engine: ModelEngine, work: Awaitable[T]) -> T:
+        """Await work on the model's queue, counting refusals and keeping the depth gauge."""
+        try:
+            return await work
+        except Overloaded:
+            self.metrics.rejected.labels(engine.name).inc()
+            raise
+        finally:
+            self.metrics.queue_depth.labels(engine.name).set(self.batchers[engine.name].pending_images)
 
     def _account(self, engine: ModelEngine, results: list[ExitResult], default_budget: bool) -> None:
         costs = [r.cost_fraction for r in results]
         self.metrics.observe_results(engine.name, [r.exit_index for r in results], costs,
                                      sum(r.deadline_hit for r in results))
-        if default_budget and engine.controller is not None:
-            engine.controller.observe(costs)
-            self.metrics.effective_budget.labels(engine.name).set(engine.controller.effective)
+        if default_budget and engine.policy.controller is not None:
+            engine.policy.observe_default_budget_costs(costs)
+            self.metrics.effective_budget.labels(engine.name).set(engine.policy.effective_budget)

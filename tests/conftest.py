@@ -10,9 +10,19 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+# Tests using these fixtures train, export or calibrate a real model first: end to end,
+# marked ``slow`` (``pytest -m "not slow"`` runs the fast unit tests alone).
+SLOW_FIXTURES = {"small_checkpoint", "small_repository", "served_repository", "tiny_espnetv2_checkpoint",
+                 "tiny_googlenet_checkpoint", "trained"}
 SMALL_MODEL = {"nBlocks": 3, "nChannels": 8, "growthRate": 4, "base": 1, "step": 1}
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = REPO_ROOT / "models" / "weights" / "msdnet_fmnist.pt"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from exporter.calibrate import (
     GEOMETRIC_RATIOS,
     Candidate,
     budget_curve,
+    calibrate,
     calibrate_repository,
     gated_choice,
     geometric_fractions,
@@ -16,8 +17,12 @@ from exporter.calibrate import (
     reference_thresholds,
     truncated_reference_candidates,
 )
-from server.policy import ExitTable, confidence, exits_taken, point_for_budget
-from server.repository import load_calibration
+from exitserve.repository.confidence import confidence, exits_taken
+from exitserve.repository.format import load_calibration, load_manifest
+from exitserve.repository.runtime import StagedModel
+from exporter.exit_table import ExitTable
+from models.data import load_splits
+from server.policy import point_for_budget
 
 
 def easy_hard_table(n: int = 200) -> ExitTable:
@@ -111,6 +116,15 @@ def test_entropy_rule_is_recorded(small_repository: Path, tmp_path: Path) -> Non
     calibration, report = calibrate_repository(copy, rule="entropy", report=False, progress=False)
     assert calibration.rule == "entropy" and report is None
     assert load_calibration(copy).rule == "entropy"
+
+
+def test_calibration_records_the_split_it_was_given(small_repository: Path) -> None:
+    """Calibrating on the test set by mistake must show in the file, not read "holdout"."""
+    manifest = load_manifest(small_repository)
+    test = load_splits("fashion-mnist").test.subset(np.arange(400))
+    calibration, _ = calibrate(StagedModel(small_repository, manifest), test, progress=False)
+    assert calibration.heldout["split"] == "test" and calibration.heldout["images"] == 400
+    assert calibration.heldout["dataset"] == "fashion-mnist"
 
 
 def test_calibrate_missing_repository(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -1,5 +1,6 @@
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -8,13 +9,13 @@ import pytest
 import torch
 
 from exitserve.cli import main as cli
+from exitserve.repository.format import RepositoryError, load_manifest
+from exitserve.repository.runtime import StagedModel
 from exporter.export import ExportError, export_repository
 from exporter.parity import ParityError, check_parity, require_parity
-from models.checkpoint import load_checkpoint, model_from_checkpoint
+from models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from models.cost import exit_costs
 from models.data import load_splits
-from server.preprocess import normalize
-from server.repository import RepositoryError, load_manifest
-from server.runtime import StagedModel
 
 
 def test_manifest_schema_and_files(small_repository: Path, small_checkpoint: Path) -> None:
@@ -40,12 +41,30 @@ def test_manifest_schema_and_files(small_repository: Path, small_checkpoint: Pat
     assert not [p for p in small_repository.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
 
 
+def test_manifest_costs_are_measured_on_the_model(
+    small_repository: Path, small_checkpoint: Path, tmp_path: Path
+) -> None:
+    manifest = load_manifest(small_repository)
+    checkpoint = load_checkpoint(small_checkpoint)
+    costs = exit_costs(model_from_checkpoint(checkpoint), (1, 28, 28))
+    assert [(s.exit_name, s.flops, s.cumulative_flops, s.params) for s in manifest.stages] == [
+        (c.name, c.stage_flops, c.flops, c.stage_params) for c in costs]
+    assert [s.test_accuracy for s in manifest.stages] == [e.test_accuracy for e in checkpoint.exits]
+    checkpoint.exits = [  # costs recorded by an older cost counter: not what the manifest says
+        replace(e, stage_flops=2 * e.stage_flops, flops=3 * e.flops, stage_params=e.stage_params + 1)
+        for e in checkpoint.exits]
+    save_checkpoint(tmp_path / "stale.pt", checkpoint)
+    stale, _ = export_repository(tmp_path / "stale.pt", tmp_path / "stale", parity_images=16, progress=False)
+    assert [s.model_dump(exclude={"latency"}) for s in stale.stages] == [
+        s.model_dump(exclude={"latency"}) for s in manifest.stages]
+
+
 def test_compaction_in_graph_matches_full_forward(small_repository: Path, small_checkpoint: Path) -> None:
     manifest = load_manifest(small_repository)
     model = model_from_checkpoint(load_checkpoint(small_checkpoint))
     staged = StagedModel(small_repository, manifest, provider="cpu")
     test = load_splits("fashion-mnist").test
-    images = normalize(test.images[:40], manifest.input)
+    images = manifest.input.normalize(test.images[:40])
     with torch.no_grad():
         full = [t.numpy() for t in model(torch.from_numpy(images))]
     rng = np.random.default_rng(0)
@@ -76,7 +95,7 @@ def test_dynamic_batch_sizes(small_repository: Path) -> None:
 def test_parity_gate_reports_stage_and_difference(small_repository: Path, small_checkpoint: Path) -> None:
     manifest = load_manifest(small_repository)
     model = model_from_checkpoint(load_checkpoint(small_checkpoint))
-    images = normalize(load_splits("fashion-mnist").test.images[:64], manifest.input)
+    images = manifest.input.normalize(load_splits("fashion-mnist").test.images[:64])
     staged = StagedModel(small_repository, manifest, provider="cpu")
     assert check_parity(model, staged, images, 1e-4).passed
     with torch.no_grad():  # the exported graphs no longer match this model's last exit
@@ -102,8 +121,8 @@ def test_export_cli_errors_are_clear(small_checkpoint: Path, tmp_path: Path, cap
     assert cli(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "r")]) == 2
     assert "does not exist" in capsys.readouterr().err
     checkpoint = load_checkpoint(small_checkpoint)
-    checkpoint["model"] = "no_such_model"
-    torch.save(checkpoint, tmp_path / "unknown.pt")
+    checkpoint.model = "no_such_model"
+    save_checkpoint(tmp_path / "unknown.pt", checkpoint)
     assert cli(["export", "--checkpoint", str(tmp_path / "unknown.pt"), "--out", str(tmp_path / "r")]) == 2
     assert "unknown model 'no_such_model'" in capsys.readouterr().err
     if os.geteuid() != 0:  # root writes anywhere; the file-as-parent case above covers it

@@ -144,6 +144,7 @@ def test_image_folder_layout(tmp_path: Path) -> None:
     assert sorted(data.labels.tolist()) == [0] * 5 + [1] * 5
     splits = load_splits("image-folder", tmp_path, image_size=16)
     assert len(splits.train) + len(splits.holdout) == 10 and len(splits.test) == 10
+    assert (splits.train.split, splits.holdout.split, splits.test.split) == ("train", "holdout", "test")
 
 
 def test_image_folder_bad_file_and_missing_classes(tmp_path: Path) -> None:
@@ -174,3 +175,6 @@ def test_real_fashion_mnist_split_sizes() -> None:
     splits = load_splits("fashion-mnist")
     assert (len(splits.train), len(splits.holdout), len(splits.test)) == (55000, 5000, 10000)
     assert splits.train.size == 28 and splits.train.channels == 1
+    # each split knows its name, and a subset keeps it (the calibrator records it)
+    assert [s.split for s in (splits.train, splits.holdout, splits.test)] == ["train", "holdout", "test"]
+    assert splits.holdout.subset(np.arange(10)).split == "holdout"

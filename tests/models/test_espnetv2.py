@@ -5,12 +5,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from exitserve.repository.format import load_manifest
 from exporter.export import export_repository
 from models.checkpoint import load_checkpoint, model_from_checkpoint
 from models.cost import exit_costs
 from models.espnetv2 import ESPNetv2Config, branch_dilations, load_reference_state_dict
 from models.registry import create_model, list_models
-from server.repository import load_manifest
 from tests.models.seeded_weights import seeded_state_dict
 
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "espnetv2_reference.pt"
@@ -166,9 +166,9 @@ def tiny_checkpoint(tiny_espnetv2_checkpoint: Path) -> Path:
 @pytest.mark.slow
 def test_training_smoke(tiny_checkpoint: Path) -> None:
     checkpoint = load_checkpoint(tiny_checkpoint)
-    assert checkpoint["model"] == "espnetv2" and checkpoint["config"]["s"] == 0.5
-    assert [e["name"] for e in checkpoint["exits"]] == ["exit_heads.0", "exit_heads.1", "classifier"]
-    assert all(0 <= e["test_accuracy"] <= 1 for e in checkpoint["exits"])
+    assert checkpoint.model == "espnetv2" and checkpoint.config["s"] == 0.5
+    assert [e.name for e in checkpoint.exits] == ["exit_heads.0", "exit_heads.1", "classifier"]
+    assert all(0 <= e.test_accuracy <= 1 for e in checkpoint.exits)
     assert tiny_checkpoint.stat().st_size < 15e6
     model = model_from_checkpoint(checkpoint)
     with torch.no_grad():

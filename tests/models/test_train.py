@@ -6,10 +6,19 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from exitserve.cli import main as cli
-from models.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from models.checkpoint import (
+    CHECKPOINT_FORMAT,
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from models.preprocess import Preprocessing
 from models.train import JointExitLoss, Trainer, TrainConfig, ema_average_fn
 
 SMALL = {"nBlocks": 2, "nChannels": 8, "growthRate": 4}
+WEIGHTS = Path(__file__).resolve().parents[2] / "models" / "weights"
 
 
 def small_config(out: Path, **overrides) -> TrainConfig:
@@ -43,12 +52,12 @@ def test_short_training_lowers_the_loss(trained: tuple[Path, float, float]) -> N
 def test_checkpoint_carries_everything_and_round_trips(trained: tuple[Path, float, float]) -> None:
     path, _, _ = trained
     checkpoint = load_checkpoint(path)
-    assert checkpoint["labels"][0] == "T-shirt/top"
-    prep = checkpoint["preprocessing"]
-    assert (prep["channels"], prep["size"]) == (1, 28) and len(prep["mean"]) == 1
-    assert [e["index"] for e in checkpoint["exits"]] == [0, 1]
-    assert all(0 <= e["test_accuracy"] <= 1 and e["flops"] > 0 for e in checkpoint["exits"])
-    assert checkpoint["training"]["epochs_done"] == 2
+    assert checkpoint.labels[0] == "T-shirt/top"
+    prep = checkpoint.preprocessing
+    assert (prep.channels, prep.size) == (1, 28) and len(prep.mean) == 1
+    assert [e.index for e in checkpoint.exits] == [0, 1]
+    assert all(0 <= e.test_accuracy <= 1 and e.flops > 0 for e in checkpoint.exits)
+    assert checkpoint.training["epochs_done"] == 2 and checkpoint.dataset_name == "fashion-mnist"
     assert not path.with_name(path.name + ".resume").exists()
     model = model_from_checkpoint(checkpoint)
     x = torch.randn(4, 1, 28, 28)
@@ -63,10 +72,11 @@ def test_evaluate_json(trained: tuple[Path, float, float], capsys: pytest.Captur
     assert cli(["evaluate", "--checkpoint", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [set(e) >= {"index", "accuracy", "flops"} for e in report["exits"]] == [True, True]
-    stored = load_checkpoint(path)["exits"]
-    assert [e["accuracy"] for e in report["exits"]] == pytest.approx([e["test_accuracy"] for e in stored])
+    stored = load_checkpoint(path).exits
+    assert [e["accuracy"] for e in report["exits"]] == pytest.approx([e.test_accuracy for e in stored])
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_last_epoch(tmp_path: Path) -> None:
     out = tmp_path / "resume.pt"
     first = Trainer(small_config(out, epochs=2, steps_per_epoch=5))
@@ -83,6 +93,29 @@ def test_resume_continues_from_the_last_epoch(tmp_path: Path) -> None:
         other.try_resume()
 
 
+@pytest.mark.parametrize("name", ["msdnet_fmnist.pt", "googlenet_fmnist.pt", "espnetv2_fmnist.pt"])
+def test_committed_checkpoints_load_and_save_in_the_same_format(name: str, tmp_path: Path) -> None:
+    """The typed record reads the released files and writes the same dict back, less the
+    two preprocessing keys nothing reads (``layout``, ``resize``)."""
+    raw = torch.load(WEIGHTS / name, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(WEIGHTS / name)
+    assert checkpoint.preprocessing == Preprocessing(1, 28, [0.2862], [0.3531])
+    assert checkpoint.dataset_name == "fashion-mnist" and len(checkpoint.labels) == 10
+    assert all(e.test_accuracy is not None and e.flops > 0 for e in checkpoint.exits)
+    expected = {**raw, "preprocessing": {k: v for k, v in raw["preprocessing"].items()
+                                         if k not in ("layout", "resize")}}
+    written = checkpoint.to_dict()
+    assert list(written) == list(raw) and written["format"] == CHECKPOINT_FORMAT
+    assert {k: v for k, v in written.items() if k != "state_dict"} == {
+        k: v for k, v in expected.items() if k != "state_dict"}
+    save_checkpoint(tmp_path / name, checkpoint)
+    again = torch.load(tmp_path / name, map_location="cpu", weights_only=False)
+    assert again.keys() == raw.keys() and again["exits"] == raw["exits"]
+    assert all(torch.equal(again["state_dict"][k], v) for k, v in raw["state_dict"].items())
+    reread = Checkpoint.from_dict(again)
+    assert (reread.exits, reread.preprocessing) == (checkpoint.exits, checkpoint.preprocessing)
+
+
 def test_bad_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
@@ -91,6 +124,14 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureF
     torch.save({"weights": 1}, bad)
     assert cli(["evaluate", "--checkpoint", str(bad)]) == 2
     assert "not an exitserve checkpoint" in capsys.readouterr().err
+    raw = Checkpoint(model="msdnet", config={}, state_dict={}, labels=["a"],
+                     preprocessing=Preprocessing(1, 28, [0.5], [0.5]), exits=[]).to_dict()
+    torch.save({k: v for k, v in raw.items() if k != "exits"}, bad)
+    with pytest.raises(CheckpointError, match=rf"{bad.name}: checkpoint lacks 'exits'"):
+        load_checkpoint(bad)
+    torch.save({**raw, "exits": [{"index": 0, "name": "x"}]}, bad)
+    with pytest.raises(CheckpointError, match="malformed 'exits'"):
+        load_checkpoint(bad)
 
 
 def test_conflicting_model_config_raises(tmp_path: Path) -> None:
@@ -121,10 +162,11 @@ def test_ema_warmup_follows_the_model_at_first() -> None:
     torch.testing.assert_close(warm.module.weight, before * 0.999 + 0.001)
 
 
+@pytest.mark.slow
 def test_ema_warmup_is_recorded_and_trains(tmp_path: Path) -> None:
     out = tmp_path / "warm.pt"
     assert cli(["train", "--model", "msdnet", "--epochs", "1", "--steps-per-epoch", "5", "--batch-size", "16",
                 "--model-config", json.dumps(SMALL), "--threads", "1", "--ema-warmup", "--out", str(out)]) == 0
-    training = load_checkpoint(out)["training"]
+    training = load_checkpoint(out).training
     assert training["config"]["ema_warmup"] is True
     assert set(training["history"][-1]["holdout"]) == {"raw", "ema"}

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 
 import numpy as np
-from PIL import Image
 
+from loadtest.images import encode_image as encode
 from models.data import load_splits
 
 
 def fashion_images(count: int) -> tuple[np.ndarray, np.ndarray]:
     test = load_splits("fashion-mnist").test
     return test.images[:count], test.labels[:count]
-
-
-def encode(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-    image.save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-    return buf.getvalue()
 
 
 def bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:

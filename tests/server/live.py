@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import httpx
 import uvicorn
 
-from server.app import create_app
+from server.http.app import create_app
 from server.settings import Settings
 
 

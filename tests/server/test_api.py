@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from server.engine import ModelEngine
-from server.preprocess import decode_image, normalize
+from server.preprocess import decode_image
 from server.settings import Settings
 from tests.server.images import bomb_png, encode, fashion_images
 from tests.server.live import live_server
@@ -37,13 +37,13 @@ def classify(url: str, data: bytes, **params) -> httpx.Response:
 
 def test_classify_png_and_jpeg_match_the_engine(url: str, served_repository: Path, images) -> None:
     pixels, labels = images
-    engine = ModelEngine(served_repository / "msdnet_fmnist", default_budget=0.25, provider="cpu",
-                         online_budget=False)
-    thresholds = engine.thresholds_for(0.5)
+    engine = ModelEngine.load(served_repository / "msdnet_fmnist", default_budget=0.25, provider="cpu",
+                              online_budget=False)
+    thresholds = engine.policy.thresholds_for(0.5)
     for fmt in ("PNG", "JPEG"):
         blobs = [encode(p, fmt) for p in pixels[:20]]
         decoded = np.stack([decode_image(b, engine.manifest.input, 10**6) for b in blobs])
-        offline = engine.run(normalize(decoded, engine.manifest.input), np.tile(thresholds, (20, 1)))
+        offline = engine.run_thresholds(engine.manifest.input.normalize(decoded), np.tile(thresholds, (20, 1))).results
         for blob, expected in zip(blobs, offline):
             body = classify(url, blob, budget=0.5).json()
             assert body["class_index"] == int(np.argmax(expected.probs))
@@ -193,6 +193,6 @@ def test_models_health_docs_and_metrics(url: str, images) -> None:
     assert "/classify/batch" in httpx.get(f"{url}/openapi.json").json()["paths"]
     assert httpx.get(f"{url}/docs").status_code == 200
     text = httpx.get(f"{url}/metrics").text
-    for name in ("exitserve_request_latency_seconds_bucket", "exitserve_images_total", "exitserve_exit_depth_bucket",
+    for name in ("exitserve_request_latency_seconds_bucket", "exitserve_images_total", "exitserve_exits_total",
                  "exitserve_stage_latency_seconds_bucket", "exitserve_batch_size_bucket", "exitserve_budget"):
         assert name in text

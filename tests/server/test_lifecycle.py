@@ -1,25 +1,24 @@
-"""Readiness, draining, queue bounds, provider and IO-binding paths."""
+"""Readiness, draining, overload and the service's accounting."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
 from fastapi.testclient import TestClient
 
-from exporter.calibrate import exit_table
 from models.data import load_splits
-from server.app import create_app
-from server.batcher import DynamicBatcher, QueueFull
-from server.engine import ModelEngine
-from server.policy import exits_taken
-from server.preprocess import normalize
+from server.http.app import create_app
+from server.metrics import Metrics
+from server.service import InferenceService, RequestOptions
 from server.settings import Settings
 from tests.server.images import encode
+from tests.server.synthetic import probs_with_confidence, synthetic_engine
 from tests.server.live import live_server
 
 
@@ -54,76 +53,57 @@ def test_draining_is_not_ready(served_repository: Path) -> None:
         app.state.service.draining = False
 
 
-def test_full_queue_refuses_at_once(served_repository: Path) -> None:
-    engine = ModelEngine(served_repository / "msdnet_fmnist", default_budget=0.5, provider="cpu")
-
-    async def scenario() -> None:
-        batcher = DynamicBatcher(engine, max_batch_size=4, max_queue_delay_ms=50, max_queue_images=2)
-        batcher.start()
-        image = np.zeros((1, 28, 28), np.float32)
-        t = engine.thresholds_for(0.5)
-        first = asyncio.ensure_future(batcher.submit(image, t, float("inf")))
-        second = asyncio.ensure_future(batcher.submit(image, t, float("inf")))
-        await asyncio.sleep(0)
-        with pytest.raises(QueueFull):
-            await batcher.submit(image, t, float("inf"))
-        outcomes = await asyncio.gather(first, second)
-        assert [o.batch_size for o in outcomes] == [2, 2]  # grouped into one engine call
-        assert batcher.pending_images == 0
-        await batcher.stop()
-
-    asyncio.run(scenario())
-
-
 def test_overloaded_server_answers_503_with_retry_after(served_repository: Path) -> None:
     settings = Settings(model_repository=served_repository, max_queue_images=1, max_queue_delay_ms=200)
     app = create_app(settings)
+    image = encode(load_splits("fashion-mnist").test.images[0])
     with TestClient(app) as client:
         while client.get("/readyz").status_code != 200:
             time.sleep(0.05)
         service = app.state.service
         service.batchers["msdnet_fmnist"].pending_images = 1  # the queue is full
-        image = encode(load_splits("fashion-mnist").test.images[0])
-        response = client.post("/classify", content=image, headers={"content-type": "image/png"})
+        single = client.post("/classify", content=image, headers={"content-type": "image/png"})
+        batch = client.post("/classify/batch", files=[("files", ("a.png", image, "image/png"))])
         service.batchers["msdnet_fmnist"].pending_images = 0
-    assert response.status_code == 503 and response.headers["retry-after"] == "1"
-    assert response.json()["error"] == "overloaded"
+        metrics = client.get("/metrics").text
+    for response in (single, batch):
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert response.json()["error"] == "overloaded"
+    assert 'exitserve_rejected_total{model="msdnet_fmnist"} 2.0' in metrics
 
 
-@pytest.mark.parametrize("binding", ["on", "off"])
-def test_engine_matches_offline_evaluation(served_repository: Path, binding: str) -> None:
-    """The engine's exits for given thresholds are exactly the calibration's offline exits."""
-    folder = served_repository / "msdnet_fmnist"
-    engine = ModelEngine(folder, default_budget=0.5, provider="cpu", io_binding=binding)
-    assert engine.staged.use_binding is (binding == "on")
-    assert engine.staged.provider == "CPUExecutionProvider"
-    test = load_splits("fashion-mnist").test
-    images, labels = test.images[:300], test.labels[:300]
-    table = exit_table(engine.staged, engine.manifest, images, labels, "max_softmax")
-    for budget in (0.2, 0.5, 1.0):
-        thresholds = engine.thresholds_for(budget)
-        results = engine.run(normalize(images, engine.manifest.input), np.tile(thresholds, (300, 1)))
-        assert [r.exit_index for r in results] == exits_taken(table.conf, thresholds).tolist()
-        offline_acc, offline_cost, _ = table.evaluate(thresholds)
-        online_acc = np.mean([np.argmax(r.probs) == y for r, y in zip(results, labels)])
-        assert online_acc == pytest.approx(offline_acc)
-        assert np.mean([r.cost_fraction for r in results]) == pytest.approx(offline_cost)
+def test_only_default_budget_traffic_feeds_the_controller() -> None:
+    """Requests naming a budget or thresholds are the client's choice: they must not pull
+    the server's default-budget thresholds around."""
+    engine = synthetic_engine(default_budget=0.5, online_budget=True)
+    service = InferenceService(Settings(), Metrics())
+    image = probs_with_confidence(np.full((1, 3), 0.6))[0]  # never confident: runs to the last exit
+
+    async def scenario() -> None:
+        service.attach({"synthetic": engine})
+        for options in (RequestOptions(budget=0.5), RequestOptions(thresholds=[0.9, 0.9])):
+            thresholds, _ = service.thresholds(engine, options)
+            await service.classify(engine, image, thresholds, options, time.perf_counter())
+        assert engine.policy.controller.measured is None and engine.policy.effective_budget == 0.5
+        options = RequestOptions()
+        thresholds, _ = service.thresholds(engine, options)
+        outcome = await service.classify(engine, image, thresholds, options, time.perf_counter())
+        assert outcome.result.cost_fraction == 1.0
+        assert engine.policy.controller.measured == 1.0 and engine.policy.effective_budget < 0.5
+        await service.stop()
+
+    asyncio.run(scenario())
 
 
-def test_budgeted_batch_never_overspends(served_repository: Path) -> None:
-    engine = ModelEngine(served_repository / "msdnet_fmnist", default_budget=0.5, provider="cpu")
-    images = normalize(load_splits("fashion-mnist").test.images[:200], engine.manifest.input)
-    for budget in np.linspace(engine.min_budget, 1.0, 7):
-        results = engine.run_budgeted(images, float(budget))
-        assert len(results) == 200
-        assert np.mean([r.cost_fraction for r in results]) <= budget + 1e-9
-    with pytest.raises(ValueError, match="below the cost of the first exit"):
-        engine.run_budgeted(images, engine.min_budget / 2)
-
-
-def test_online_budget_controller_pulls_toward_target(served_repository: Path) -> None:
-    engine = ModelEngine(served_repository / "msdnet_fmnist", default_budget=0.3, provider="cpu")
-    controller = engine.controller
-    controller.observe([0.6] * 50)  # traffic costs more than the target
-    assert controller.effective < 0.3
-    assert controller.effective >= engine.min_budget
+def test_a_calibration_for_another_export_refuses_to_load(served_repository: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "repo" / "msdnet_fmnist"
+    shutil.copytree(served_repository / "msdnet_fmnist", folder)
+    raw = json.loads((folder / "calibration.json").read_text())
+    raw["cost_fractions"][0] += 0.01
+    (folder / "calibration.json").write_text(json.dumps(raw))
+    with TestClient(create_app(Settings(model_repository=tmp_path / "repo"))) as client:
+        deadline = time.monotonic() + 60
+        while (body := client.get("/readyz").json())["status"] == "loading" and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert body["status"] == "error"
+    assert "calibration.json" in body["detail"] and "calibrate this export again" in body["detail"]

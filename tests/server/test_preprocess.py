@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from server.preprocess import decode_image
-from server.repository import InputSpec
+from exitserve.repository.format import InputSpec
 
 SPEC = InputSpec(channels=1, size=28, mean=[0.5], std=[0.5])
 ROTATE_90_CW = 6  # EXIF orientation: the stored pixels must turn 90 degrees clockwise to display

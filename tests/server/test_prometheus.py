@@ -40,7 +40,7 @@ def test_prometheus_scrapes_exit_depth_and_throughput(served_repository: Path, t
             api = f"http://127.0.0.1:{port}/api/v1/query"
             queries = {
                 "sum(exitserve_images_total)": 20.0,
-                "sum(exitserve_exit_depth_count)": 20.0,
+                "sum(exitserve_exits_total)": 20.0,
                 'sum(exitserve_request_latency_seconds_count{route="/classify"})': 20.0,
             }
             deadline = time.monotonic() + 60

@@ -14,11 +14,12 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from server.engine import ExitResult, ModelEngine
-from server.errors import APIError
-from server.preprocess import ImageError
-from server.routes.deps import AppSettings, Service
-from server.schemas import (
+from server.engine import ModelEngine
+from server.errors import BadImage, InvalidOptions
+from server.http.errors import RequestProblem
+from server.http.middleware import record_model
+from server.http.routes.deps import AppSettings, Service
+from server.http.schemas import (
     BatchItem,
     BatchResponse,
     BatchSummary,
@@ -29,7 +30,8 @@ from server.schemas import (
     Timings,
     TopK,
 )
-from server.service import RequestOptions
+from server.policy import ExitResult
+from server.service import InferenceService, RequestOptions
 
 router = APIRouter()
 
@@ -76,44 +78,44 @@ def _number(name: str, raw: str | None, kind: type = float) -> Any:
     try:
         value = kind(raw)
     except ValueError:
-        raise APIError(422, f"invalid_{name}", f"{name} must be a number, got {raw!r}") from None
+        raise InvalidOptions(f"{name} must be a number, got {raw!r}", code=f"invalid_{name}") from None
     if isinstance(value, float) and not math.isfinite(value):
-        raise APIError(422, f"invalid_{name}", f"{name} must be finite, got {raw!r}")
+        raise InvalidOptions(f"{name} must be finite, got {raw!r}", code=f"invalid_{name}")
     return value
 
 
 def _option(name: str, form: FormData | None, request: Request) -> str | None:
     from_form = form.get(name) if form is not None else None
     if isinstance(from_form, UploadFile):
-        raise APIError(422, "invalid_request", f"{name} must be a form field, not a file")
+        raise InvalidOptions(f"{name} must be a form field, not a file")
     from_query = request.query_params.get(name)
     if from_form is not None and from_query is not None and from_form != from_query:
-        raise APIError(422, "conflicting_options", f"{name} given in both the query and the form, differently")
+        raise InvalidOptions(f"{name} given in both the query and the form, differently", code="conflicting_options")
     return from_form if from_form is not None else from_query
 
 
 def parse_options(form: FormData | None, request: Request, engine: ModelEngine, max_top_k: int) -> RequestOptions:
     budget = _number("budget", _option("budget", form, request))
     if budget is not None and not 0 < budget <= 1:
-        raise APIError(422, "invalid_budget", f"budget must be in (0, 1] (fraction of full cost), got {budget}")
+        raise InvalidOptions(f"budget must be in (0, 1] (fraction of full cost), got {budget}", code="invalid_budget")
     deadline = _number("deadline_ms", _option("deadline_ms", form, request))
     if deadline is not None and not 0 < deadline <= 600_000:
-        raise APIError(422, "invalid_deadline_ms", f"deadline_ms must be in (0, 600000], got {deadline}")
+        raise InvalidOptions(f"deadline_ms must be in (0, 600000], got {deadline}", code="invalid_deadline_ms")
     top_k = _number("top_k", _option("top_k", form, request), int)
     classes = len(engine.manifest.labels)
     if top_k is None:
         top_k = 1
     elif not 1 <= top_k <= min(max_top_k, classes):
-        raise APIError(422, "invalid_top_k", f"top_k must be between 1 and {min(max_top_k, classes)}")
+        raise InvalidOptions(f"top_k must be between 1 and {min(max_top_k, classes)}", code="invalid_top_k")
     thresholds = None
     raw = _option("thresholds", form, request)
     if raw:
         try:
             thresholds = [float(v) for v in raw.split(",")]
         except ValueError:
-            raise APIError(422, "invalid_thresholds", f"thresholds must be comma-separated numbers: {raw!r}") from None
+            raise InvalidOptions(f"thresholds must be comma-separated numbers: {raw!r}", code="invalid_thresholds") from None
         if not all(math.isfinite(v) for v in thresholds):
-            raise APIError(422, "invalid_thresholds", "thresholds must be finite")
+            raise InvalidOptions("thresholds must be finite", code="invalid_thresholds")
     return RequestOptions(budget=budget, deadline_ms=deadline, top_k=top_k, thresholds=thresholds)
 
 
@@ -123,8 +125,8 @@ async def read_form(request: Request, max_files: int) -> FormData:
     except (MultiPartException, StarletteHTTPException) as exc:  # Starlette wraps the former in a 400
         message = str(getattr(exc, "message", None) or getattr(exc, "detail", exc))
         if "Too many files" in message:
-            raise APIError(413, "too_many_files", f"{message} (at most {max_files} per request)") from None
-        raise APIError(422, "invalid_multipart", message) from None
+            raise RequestProblem(413, "too_many_files", f"{message} (at most {max_files} per request)") from None
+        raise RequestProblem(422, "invalid_multipart", message) from None
 
 
 def describe(engine: ModelEngine, result: ExitResult, top_k: int) -> Classification:
@@ -141,6 +143,13 @@ def describe(engine: ModelEngine, result: ExitResult, top_k: int) -> Classificat
                       deadline_hit=result.deadline_hit),
         top_k=[TopK(label=labels[i], class_index=int(i), probability=round(float(result.probs[i]), 6)) for i in order],
     )
+
+
+def resolve_engine(request: Request, service: InferenceService, form: FormData | None) -> ModelEngine:
+    """The model the request names (query or form), recorded for the request metrics."""
+    engine = service.engine(_option("model", form, request))
+    record_model(request.scope, engine.name)
+    return engine
 
 
 def _content_type(request: Request) -> str:
@@ -160,20 +169,17 @@ async def classify(request: Request, service: Service, settings: AppSettings) ->
         form = await read_form(request, max_files=1)
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
-            raise APIError(422, "missing_file", "multipart field 'file' with the image is required")
+            raise RequestProblem(422, "missing_file", "multipart field 'file' with the image is required")
         data = await upload.read()
     elif kind.startswith("image/") or kind == "application/octet-stream":
         data = await request.body()
     else:
-        raise APIError(415, "unsupported_media_type",
-                       "send multipart/form-data with a 'file' field, or the image bytes with an image/* type")
-    engine = service.engine(_option("model", form, request))
+        raise RequestProblem(415, "unsupported_media_type",
+                             "send multipart/form-data with a 'file' field, or the image bytes with an image/* type")
+    engine = resolve_engine(request, service, form)
     options = parse_options(form, request, engine, settings.max_top_k)
     thresholds, budget = service.thresholds(engine, options)  # validate before decoding
-    try:
-        image, decode_ms = await service.decode(data, engine)
-    except ImageError as exc:
-        raise APIError(exc.status, exc.code, exc.detail) from None
+    image, decode_ms = await service.decode(data, engine)
     outcome = await service.classify(engine, image, thresholds, options, arrived)
     result = describe(engine, outcome.result, options.top_k)
     total = (time.perf_counter() - arrived) * 1000
@@ -191,19 +197,19 @@ async def classify(request: Request, service: Service, settings: AppSettings) ->
 async def classify_batch(request: Request, service: Service, settings: AppSettings) -> BatchResponse:
     arrived = time.perf_counter()
     if _content_type(request) != "multipart/form-data":
-        raise APIError(415, "unsupported_media_type", "send multipart/form-data with repeated 'files' fields")
+        raise RequestProblem(415, "unsupported_media_type", "send multipart/form-data with repeated 'files' fields")
     form = await read_form(request, max_files=settings.max_files)
     uploads = form.getlist("files")
     if not uploads:
-        raise APIError(422, "missing_files", "multipart field 'files' (repeated, one per image) is required")
+        raise RequestProblem(422, "missing_files", "multipart field 'files' (repeated, one per image) is required")
     if not all(isinstance(u, UploadFile) for u in uploads):
-        raise APIError(422, "invalid_request", "every 'files' field must be a file")
-    engine = service.engine(_option("model", form, request))
+        raise RequestProblem(422, "invalid_request", "every 'files' field must be a file")
+    engine = resolve_engine(request, service, form)
     options = parse_options(form, request, engine, settings.max_top_k)
     if options.thresholds is not None or options.deadline_ms is not None:
-        raise APIError(422, "invalid_request", "the batch endpoint takes a budget for the whole batch, "
-                                               "not thresholds or deadlines")
-    budget = options.budget if options.budget is not None else engine.default_budget
+        raise InvalidOptions("the batch endpoint takes a budget for the whole batch, not thresholds or deadlines")
+    budget = options.budget if options.budget is not None else engine.policy.default_budget
+    engine.policy.check_batch_budget(budget)  # before reading and decoding every file
     started = time.perf_counter()
     blobs = [await u.read() for u in uploads]
     decoded = await asyncio.gather(*(service.decode(b, engine) for b in blobs), return_exceptions=True)
@@ -211,7 +217,7 @@ async def classify_batch(request: Request, service: Service, settings: AppSettin
     items: list[BatchItem] = []
     good: list[int] = []
     for i, (upload, outcome) in enumerate(zip(uploads, decoded)):
-        if isinstance(outcome, ImageError):
+        if isinstance(outcome, BadImage):
             items.append(BatchItem(index=i, filename=upload.filename, error=outcome.code, detail=outcome.detail))
         elif isinstance(outcome, BaseException):
             raise outcome
@@ -232,7 +238,7 @@ async def classify_batch(request: Request, service: Service, settings: AppSettin
     summary = BatchSummary(
         count=len(items), classified=len(good), failed=len(items) - len(good), budget=budget,
         mean_cost_fraction=round(mean_cost, 6), spent_fraction=round(mean_cost / budget, 6) if results else 0.0,
-        exit_histogram=histogram, expected_accuracy=engine.expected_accuracy(budget),
+        exit_histogram=histogram, expected_accuracy=engine.policy.expected_accuracy(budget),
     )
     total = (time.perf_counter() - arrived) * 1000
     return BatchResponse(model=engine.name, results=items, summary=summary,

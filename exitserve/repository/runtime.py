@@ -10,6 +10,7 @@ copied to the host. The binding path runs on CPU too, so tests cover it without 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import onnxruntime as ort
 
-from server.repository import Manifest
+from exitserve.repository.format import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,6 @@ class StagedModel:
         io_binding: BindingChoice = "auto",
         intra_op_threads: int | None = None,
     ) -> None:
-        self.folder = folder
         self.manifest = manifest
         self.sessions = [
             create_session(folder / stage.file, provider, intra_op_threads) for stage in manifest.stages
@@ -114,6 +114,18 @@ class StagedModel:
         results = self.sessions[index].run(names, feeds)
         n = len(spec.carried_outputs)
         return StageOutput(results[:n], results[n], results[n + 1] if want_logits else None)
+
+    def iter_stages(self, images: np.ndarray, want_logits: bool = False) -> Iterator[tuple[int, list[Any], StageOutput]]:
+        """Run every stage on every image (nobody exits): yields ``(stage, its inputs, its output)``.
+
+        The one "full depth, all exits" loop: parity, calibration and latency measurement
+        consume it; the serving engine, where images leave, has its own.
+        """
+        carried: list[Any] = [images]
+        for index in range(self.num_stages):
+            out = self.run_stage(index, carried, want_logits=want_logits)
+            yield index, carried, out
+            carried = out.carried
 
     def _run_bound(self, index: int, carried: list[Any], keep: np.ndarray | None, want_logits: bool) -> StageOutput:
         spec = self.manifest.stages[index]

@@ -7,23 +7,22 @@ from typing import Any
 from fastapi import APIRouter
 
 from server.engine import ModelEngine
-from server.errors import APIError
-from server.routes.deps import Service
+from server.http.routes.deps import Service
 
 router = APIRouter(prefix="/v1")
 
 
 def summary(engine: ModelEngine, default: bool) -> dict[str, Any]:
-    controller = engine.controller
+    policy = engine.policy
     return {
         "name": engine.name,
         "default": default,
         "exits": engine.num_exits,
         "labels": len(engine.manifest.labels),
-        "provider": engine.staged.provider,
-        "io_binding": engine.staged.use_binding,
-        "budget": engine.default_budget,
-        "effective_budget": controller.effective if controller else engine.default_budget,
+        "provider": engine.runtime.provider,
+        "io_binding": engine.runtime.use_binding,
+        "budget": policy.default_budget,
+        "effective_budget": policy.effective_budget,
         "calibrated": engine.calibration is not None,
     }
 
@@ -36,8 +35,6 @@ async def list_models(service: Service) -> dict[str, Any]:
 
 @router.get("/models/{name}", summary="A model's manifest, calibration summary, provider and budget in force")
 async def model_detail(name: str, service: Service) -> dict[str, Any]:
-    if service.ready and name not in service.engines:
-        raise APIError(404, "unknown_model", f"no model {name!r}; serving: {', '.join(sorted(service.engines))}")
     engine = service.engine(name)
     calibration = engine.calibration
     calibration_summary = None
@@ -52,11 +49,11 @@ async def model_detail(name: str, service: Service) -> dict[str, Any]:
                 for p in calibration.curve
             ],
         }
-    measured = controller.measured if (controller := engine.controller) else None
+    measured = controller.measured if (controller := engine.policy.controller) else None
     return {
         **summary(engine, name == service.default_model),
         "measured_mean_cost": measured,
-        "stage_latency_ms": [round(lat.predict_ms(1), 4) for lat in engine.latency],
+        "stage_latency_ms": [round(lat.predict_ms(1), 4) for lat in engine.policy.latency],
         "manifest": engine.manifest.model_dump(),
         "calibration": calibration_summary,
     }

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from models.checkpoint import load_checkpoint
 from models.cost import count_params, exit_costs
-from models.inception import AdaptiveAvgPoolMatrix, GoogLeNet, GoogLeNetConfig
+from models.googlenet import AdaptiveAvgPoolMatrix, GoogLeNet, GoogLeNetConfig
 from models.registry import create_model, list_models
 from tests.models.seeded_weights import seeded_state_dict
 
@@ -164,11 +164,11 @@ def tiny_checkpoint(tiny_googlenet_checkpoint: Path) -> Path:
 
 def test_training_smoke_writes_a_rebuildable_checkpoint(tiny_checkpoint: Path) -> None:
     checkpoint = load_checkpoint(tiny_checkpoint)
-    assert checkpoint["model"] == "googlenet"
-    assert checkpoint["config"] == {**GoogLeNetConfig().to_dict(), "width": 0.125}
-    assert [e["name"] for e in checkpoint["exits"]] == ["aux1", "aux2", "fc"]
-    assert all(0 <= e["test_accuracy"] <= 1 for e in checkpoint["exits"])
-    assert checkpoint["exits"][0]["flops"] * 3 <= checkpoint["exits"][-1]["flops"]
+    assert checkpoint.model == "googlenet"
+    assert checkpoint.config == {**GoogLeNetConfig().to_dict(), "width": 0.125}
+    assert [e.name for e in checkpoint.exits] == ["aux1", "aux2", "fc"]
+    assert all(0 <= e.test_accuracy <= 1 for e in checkpoint.exits)
+    assert checkpoint.exits[0].flops * 3 <= checkpoint.exits[-1].flops
 
 
 def test_export_with_parity(tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
 """The model repository format: ``manifest.json`` and ``calibration.json`` per model.
 
 These pydantic models are the one definition of the format: the exporter writes them,
-the server reads and validates them.
+the server reads and validates them. A calibration is checked against its manifest on
+load (same exits, same costs): thresholds for another export of the model would
+silently send images to the wrong exits.
 """
 
 from __future__ import annotations
@@ -10,21 +12,21 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+import numpy as np
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from exitserve.repository.confidence import ConfidenceRule
+from exitserve.repository.preprocessing import normalize
 
 MANIFEST_FORMAT_VERSION = 1
 CALIBRATION_FORMAT_VERSION = 1
-ConfidenceRule = Literal["max_softmax", "entropy", "margin"]
+DEFAULT_OPSET = 17
+COST_TOLERANCE = 1e-6
 
 
 class RepositoryError(ValueError):
     """A model folder is missing files or holds a malformed manifest."""
-
-
-class TensorSpec(BaseModel):
-    name: str
-    shape: list[int | str]  # "batch" marks the dynamic axis
-    dtype: str = "float32"
 
 
 class InputSpec(BaseModel):
@@ -36,6 +38,10 @@ class InputSpec(BaseModel):
     std: list[float]
     resize: str = "bilinear"  # every upload is resized to size x size with this filter
     dtype: str = "float32"
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 N x H x W x C -> the N x C x H x W tensor stage 0 takes."""
+        return normalize(pixels, self.mean, self.std, self.dtype)
 
 
 class LatencySpec(BaseModel):
@@ -49,8 +55,6 @@ class LatencySpec(BaseModel):
 class StageSpec(BaseModel):
     index: int
     file: str
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
     carried_inputs: list[str]
     keep_input: str | None  # indices of the images still running (stages after the first)
     carried_outputs: list[str]
@@ -108,7 +112,7 @@ class Calibration(BaseModel):
     rule: ConfidenceRule
     heldout: dict  # which split, how many images
     exit_accuracy: list[float]  # each exit alone, held-out
-    cost_fractions: list[float]
+    cost_fractions: list[float]  # the manifest's, at calibration time: checked on load
     curve: list[BudgetPoint]  # sorted by budget once here, looked up per request
 
     @field_validator("curve")
@@ -117,6 +121,27 @@ class Calibration(BaseModel):
         if not curve:
             raise ValueError("the budget curve is empty")
         return sorted(curve, key=lambda p: p.budget)
+
+    @model_validator(mode="after")
+    def _one_value_per_exit(self) -> "Calibration":
+        exits = len(self.cost_fractions)
+        if len(self.exit_accuracy) != exits:
+            raise ValueError(f"exit_accuracy has {len(self.exit_accuracy)} values for {exits} exits")
+        for point in self.curve:
+            if len(point.thresholds) != exits or len(point.exit_fractions) != exits:
+                raise ValueError(f"the point at budget {point.budget} has {len(point.thresholds)} thresholds and "
+                                 f"{len(point.exit_fractions)} exit fractions for {exits} exits")
+        return self
+
+    def check_matches(self, manifest: Manifest) -> None:
+        """Raise ``ValueError`` unless this calibration was made for ``manifest``'s exits."""
+        if len(self.cost_fractions) != manifest.num_exits:
+            raise ValueError(f"calibrated for {len(self.cost_fractions)} exits, "
+                             f"but the manifest has {manifest.num_exits}")
+        for k, (ours, theirs) in enumerate(zip(self.cost_fractions, manifest.cost_fractions())):
+            if abs(ours - theirs) > COST_TOLERANCE:
+                raise ValueError(f"exit {k} costs {theirs:.6f} of the network in the manifest "
+                                 f"but {ours:.6f} in the calibration: calibrate this export again")
 
 
 def _read_json(path: Path) -> dict:
@@ -141,14 +166,20 @@ def load_manifest(folder: Path) -> Manifest:
     return manifest
 
 
-def load_calibration(folder: Path) -> Calibration | None:
+def load_calibration(folder: Path, manifest: Manifest | None = None) -> Calibration | None:
+    """The folder's calibration, or None when it has none; checked against ``manifest``
+    (read from the folder when not given)."""
     path = folder / "calibration.json"
     if not path.exists():
         return None
+    manifest = manifest or load_manifest(folder)
+    raw = _read_json(path)
     try:
-        return Calibration.model_validate(_read_json(path))
-    except ValidationError as exc:
+        calibration = Calibration.model_validate(raw)
+        calibration.check_matches(manifest)
+    except (ValidationError, ValueError) as exc:
         raise RepositoryError(f"{path}: {exc}") from exc
+    return calibration
 
 
 def write_json(path: Path, model: BaseModel) -> None:

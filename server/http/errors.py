@@ -1,0 +1,91 @@
+"""The one place errors become HTTP: status, JSON body ``{"error": CODE, "detail": TEXT}``
+and headers (Retry-After where a retry can help)."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.errors import (
+    BadImage,
+    CorruptImage,
+    EmptyImage,
+    ImageTooLarge,
+    InvalidOptions,
+    NotAnImage,
+    NotReady,
+    Overloaded,
+    ServingError,
+    UnknownModel,
+)
+
+# most specific class first: the first match wins
+STATUS: list[tuple[type[ServingError], int]] = [
+    (NotReady, 503),
+    (Overloaded, 503),
+    (UnknownModel, 404),
+    (InvalidOptions, 422),
+    (NotAnImage, 415),
+    (ImageTooLarge, 413),
+    (EmptyImage, 422),
+    (CorruptImage, 422),
+    (BadImage, 422),
+]
+RETRYABLE = (NotReady, Overloaded)
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+class RequestProblem(Exception):
+    """The HTTP request itself is unusable (media type, multipart, file count): raised by
+    the routes before the service is involved."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+def error_body(code: str, detail: str) -> bytes:
+    """The JSON body of every error response (pure ASGI middleware sends it as bytes)."""
+    return json.dumps({"error": code, "detail": detail}).encode()
+
+
+def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(error_body(code, detail), status_code=status, headers=headers, media_type="application/json")
+
+
+def status_of(exc: ServingError) -> int:
+    return next(status for kind, status in STATUS if isinstance(exc, kind))
+
+
+def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
+    @app.exception_handler(ServingError)
+    async def _serving(_: Request, exc: ServingError) -> Response:
+        headers = {"Retry-After": str(retry_after_s)} if isinstance(exc, RETRYABLE) else None
+        return error_response(status_of(exc), exc.code, exc.detail, headers)
+
+    @app.exception_handler(RequestProblem)
+    async def _request(_: Request, exc: RequestProblem) -> Response:
+        return error_response(exc.status, exc.code, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> Response:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body"))
+            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        code = HTTP_CODES.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> Response:
+        return error_response(500, "internal_error", f"{type(exc).__name__}: the server failed; see its log")

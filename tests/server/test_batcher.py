@@ -1,0 +1,114 @@
+"""Dynamic batching on a synthetic engine: grouping, the queue bound, failure isolation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from exitserve.repository.confidence import ALWAYS
+from server.batcher import DynamicBatcher
+from server.errors import Overloaded
+from tests.server.synthetic import SyntheticRuntime, probs_with_confidence, synthetic_engine
+
+THRESHOLDS = np.array([0.9, 0.9, ALWAYS])
+POISON = 0.51  # a confidence the failing runtime below refuses to process
+
+
+def image(conf: float = 0.95) -> np.ndarray:
+    return probs_with_confidence(np.full((1, 3), conf))[0]
+
+
+def batcher_for(runtime: SyntheticRuntime | None = None, **kwargs) -> DynamicBatcher:
+    options = {"max_batch_size": 8, "max_queue_delay_ms": 50, "max_queue_images": 8} | kwargs
+    return DynamicBatcher(synthetic_engine(runtime), **options)
+
+
+def test_concurrent_requests_share_one_engine_call_and_full_queue_refuses() -> None:
+    runtime = SyntheticRuntime()
+    reports: list[tuple[str, int, dict]] = []
+
+    async def scenario() -> None:
+        batcher = batcher_for(runtime, max_batch_size=4, max_queue_images=2,
+                              on_batch=lambda *report: reports.append(report))
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(image(), THRESHOLDS, float("inf")))
+        second = asyncio.ensure_future(batcher.submit(image(0.6), THRESHOLDS, float("inf")))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):
+            await batcher.submit(image(), THRESHOLDS, float("inf"))
+        outcomes = await asyncio.gather(first, second)
+        assert [o.batch_size for o in outcomes] == [2, 2]
+        assert [o.result.exit_index for o in outcomes] == [0, 2]
+        assert batcher.pending_images == 0
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert runtime.calls[0] == (0, 2)  # one engine call for both
+    assert [(model, size, sorted(ms)) for model, size, ms in reports] == [("synthetic", 2, [0, 1, 2])]
+
+
+def test_a_failed_batch_fails_its_requests_and_the_batcher_goes_on() -> None:
+    runtime = SyntheticRuntime(fail_when=lambda stage, rows: bool(np.isclose(rows[:, 0, 0], POISON).any()))
+
+    async def scenario() -> None:
+        batcher = batcher_for(runtime, max_queue_delay_ms=20)
+        batcher.start()
+        doomed = [asyncio.ensure_future(batcher.submit(image(c), THRESHOLDS, float("inf"))) for c in (0.95, POISON)]
+        results = await asyncio.gather(*doomed, return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) for r in results)  # the batch failed as a whole
+        assert batcher.pending_images == 0
+        later = await asyncio.wait_for(batcher.submit(image(), THRESHOLDS, float("inf")), 5)
+        assert later.result.exit_index == 0  # the loop survived
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_bad_thresholds_fail_the_batch_not_the_loop() -> None:
+    """Threshold rows of different lengths cannot be stacked: those requests fail, the
+    loop survives (a broken calibration once killed it silently)."""
+
+    async def scenario() -> None:
+        batcher = batcher_for(max_queue_delay_ms=20)
+        batcher.start()
+        bad = [asyncio.ensure_future(batcher.submit(image(), t, float("inf"))) for t in (THRESHOLDS, THRESHOLDS[:2])]
+        results = await asyncio.gather(*bad, return_exceptions=True)
+        assert all(isinstance(r, Exception) for r in results)
+        good = await asyncio.wait_for(batcher.submit(image(), THRESHOLDS, float("inf")), 5)
+        assert good.result.exit_index == 0
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_whole_jobs_count_against_the_queue_bound() -> None:
+    engine_images = probs_with_confidence(np.full((5, 3), 0.95))
+
+    async def scenario() -> None:
+        batcher = batcher_for(max_queue_images=8)
+        batcher.start()
+        engine = batcher.engine
+        with pytest.raises(Overloaded):
+            await batcher.run_job(9, lambda: engine.run_budgeted(engine_images, 0.5))
+        started = asyncio.Event()
+        release = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def slow_job():
+            loop.call_soon_threadsafe(started.set)
+            asyncio.run_coroutine_threadsafe(release.wait(), loop).result(5)
+            return engine.run_budgeted(engine_images, 0.5)
+
+        job = asyncio.ensure_future(batcher.run_job(5, slow_job))
+        await started.wait()
+        assert batcher.pending_images == 5
+        with pytest.raises(Overloaded):  # 5 running + 4 asked > 8: running images count
+            await batcher.run_job(4, lambda: engine.run_budgeted(engine_images[:4], 0.5))
+        release.set()
+        results = await job
+        assert len(results) == 5 and batcher.pending_images == 0
+        await batcher.stop()
+
+    asyncio.run(scenario())
