@@ -187,22 +187,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    import logging
-
-    import uvicorn
-
-    from server.http.app import create_app
+    from server.http.serving import serve
     from server.settings import DEFAULT_MODEL, Settings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "default_budget": args.default_budget,
                                    "model_repository": args.model_repository}.items() if v is not None}
     settings = Settings(**overrides)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.model_repository is None:
         _ensure_default_repository(settings.model_repository / DEFAULT_MODEL)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
-                access_log=False)
-    return 0
+    return serve(settings, args.log_level)
 
 
 def _ensure_default_repository(folder) -> None:

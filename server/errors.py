@@ -66,3 +66,10 @@ class ImageTooLarge(BadImage):
 
 class CorruptImage(BadImage):
     code = "corrupt_image"
+
+
+class InferenceFailed(ServingError):
+    """The model failed on the batch holding this request (logged once, with the batch's
+    request ids); the server goes on."""
+
+    code = "inference_failed"

@@ -43,6 +43,10 @@ class Metrics:
             "exitserve_effective_budget", "Budget the thresholds are looked up with after online correction.",
             ["model"], registry=r,
         )
+        self.inference_failures = Counter(
+            "exitserve_inference_failures_total", "Engine runs that failed (their requests got 500).", ["model"],
+            registry=r,
+        )
         self.rejected = Counter("exitserve_rejected_total", "Requests refused with 503 (queue full).", ["model"],
                                 registry=r)
 

@@ -275,16 +275,12 @@ class ExitPolicy:
         return point_for_budget(self.calibration, budget).expected_accuracy
 
     def explicit_thresholds(self, values: Sequence[float]) -> np.ndarray:
-        """A client's own thresholds: one per exit but the last (a last one is accepted
-        and ignored: everyone left leaves at the last exit)."""
-        values = list(values)
-        if len(values) == self.num_exits - 1:
-            values.append(ALWAYS)
-        if len(values) != self.num_exits:
-            raise InvalidOptions(f"this model has {self.num_exits} exits: give {self.num_exits - 1} thresholds",
-                                 code="invalid_thresholds")
-        values[-1] = ALWAYS
-        return np.asarray(values, dtype=np.float64)
+        """A client's own thresholds: exactly one per exit but the last (everyone left
+        leaves at the last exit). Any other count is refused, never silently cut."""
+        if len(values) != self.num_exits - 1:
+            raise InvalidOptions(f"this model has {self.num_exits} exits: give exactly {self.num_exits - 1} "
+                                 f"thresholds, not {len(values)}", code="invalid_thresholds")
+        return np.append(np.asarray(values, dtype=np.float64), ALWAYS)
 
     def check_batch_budget(self, budget: float) -> None:
         if budget < self.min_budget - BUDGET_EPSILON:

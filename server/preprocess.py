@@ -6,10 +6,18 @@ turns untrusted bytes into pixels, or a ``BadImage`` error saying why not.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from exitserve.repository.format import InputSpec
 from server.errors import CorruptImage, EmptyImage, ImageTooLarge, NotAnImage
+
+MIN_MODEL_SIDE = 2048
+SIDE_FACTOR = 64
+LARGE_IMAGE_PIXELS = 1_000_000  # decoded off the event loop, a bounded number at once
+RESAMPLING = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
 def _may_carry_orientation(img) -> bool:
@@ -17,24 +25,25 @@ def _may_carry_orientation(img) -> bool:
     return "exif" in img.info or "Raw profile type exif" in img.info or img.format == "TIFF"
 
 
-def decode_image(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
-    """Bytes -> uint8 H x W x C at the model's size and channels.
+def model_max_pixels(input_size: int, ceiling: int) -> int:
+    """A model's own pixel limit: images up to ``max(2048, 64 x input side)`` on each side
+    (by area), never over the server-wide ``ceiling``. A 28x28 model has no use for a
+    40-megapixel upload, and each one decoded costs 160 MB of RGBA."""
+    side = max(MIN_MODEL_SIDE, SIDE_FACTOR * input_size)
+    return min(ceiling, side * side)
 
-    The pixel count is read from the header and refused before any pixel is decoded
-    (decompression bombs); EXIF orientation is applied; resizing follows the manifest.
-    """
-    import io
 
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Parse the header only: refuse empty, unknown, corrupt and over-limit images before
+    any pixel is decoded (decompression bombs)."""
     if not data:
         raise EmptyImage("the upload is empty")
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise NotAnImage("the upload is not an image format Pillow can decode") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(str(exc)) from None
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(f"the image is over the limit of {max_pixels} pixels") from None
     except Exception as exc:  # malformed headers raise many types
         raise CorruptImage(f"unreadable image header ({exc})") from None
     width, height = img.size
@@ -42,6 +51,12 @@ def decode_image(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
         raise CorruptImage(f"image has no pixels ({width}x{height})")
     if width * height > max_pixels:
         raise ImageTooLarge(f"{width}x{height} is over the limit of {max_pixels} pixels")
+    return img
+
+
+def to_pixels(img: Image.Image, spec: InputSpec) -> np.ndarray:
+    """Decode an opened image to uint8 H x W x C at the model's size and channels: EXIF
+    orientation applied, transparency on white, resized with the manifest's filter."""
     try:
         img.load()
         if _may_carry_orientation(img):  # parsing EXIF costs more than decoding a small PNG
@@ -52,14 +67,18 @@ def decode_image(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
             background = Image.new("RGBA", img.size, (255, 255, 255, 255))
             img = Image.alpha_composite(background, img)
         img = img.convert(mode)
-        resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}.get(
-            spec.resize, Image.BILINEAR
-        )
+        resample = RESAMPLING.get(spec.resize, Image.BILINEAR)
         if img.size != (spec.size, spec.size):
             img = img.resize((spec.size, spec.size), resample)
         pixels = np.asarray(img, dtype=np.uint8)
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(str(exc)) from None
+    except Image.DecompressionBombError:
+        raise ImageTooLarge("the decoded image is over the pixel limit") from None
     except Exception as exc:  # truncated or corrupt pixel data
         raise CorruptImage(f"the image data is truncated or corrupt ({exc})") from None
     return pixels[..., None] if pixels.ndim == 2 else pixels
+
+
+def decode_image(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
+    """Bytes -> uint8 H x W x C at the model's size and channels (``open_image`` then
+    ``to_pixels``)."""
+    return to_pixels(open_image(data, max_pixels), spec)

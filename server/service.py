@@ -19,17 +19,22 @@ import numpy as np
 from exitserve.repository.format import RepositoryError
 from server.batcher import BatchOutcome, DynamicBatcher
 from server.engine import ModelEngine
-from server.errors import InvalidOptions, NotReady, Overloaded, UnknownModel
+from server.errors import InvalidOptions, NotReady, Overloaded, ServingError, UnknownModel
 from server.metrics import Metrics
 from server.policy import ExitResult
-from server.preprocess import decode_image
+from server.preprocess import LARGE_IMAGE_PIXELS, model_max_pixels, open_image, to_pixels
 from server.settings import DEFAULT_MODEL, Settings
 
 log = logging.getLogger(__name__)
 
 INLINE_DECODE_BYTES = 32 * 1024
-DRAIN_TIMEOUT_S = 30
 T = TypeVar("T")
+
+
+class StartupError(ServingError):
+    """The model repository cannot be served (the message names the file and the problem)."""
+
+    code = "startup_failed"
 
 
 @dataclass
@@ -64,8 +69,17 @@ class InferenceService:
         self.ready = False
         self.draining = False
         self.load_error: str | None = None
+        self._large_decodes = asyncio.Semaphore(settings.max_large_decodes)
+        self.large_decodes_running = 0
+        self.large_decodes_peak = 0
 
     # ------------------------------------------------------------------ lifecycle
+    def _relative(self, message: str) -> str:
+        """Messages name files relative to the model repository: responses carry no
+        absolute paths."""
+        root = str(self.settings.model_repository.resolve())
+        return message.replace(root + "/", "").replace(str(self.settings.model_repository) + "/", "")
+
     def _load_engines(self) -> dict[str, ModelEngine]:
         engines = {}
         for folder in find_models(self.settings.model_repository):
@@ -74,36 +88,52 @@ class InferenceService:
                 io_binding=self.settings.io_binding, intra_op_threads=self.settings.intra_op_threads,
                 online_budget=self.settings.online_budget,
             )
-            engine.warm_up(self.settings.warmup_batches)
             log.info("loaded %s: %d stages on %s (IO binding %s)", engine.name, engine.num_exits,
                      engine.runtime.provider, "on" if engine.runtime.use_binding else "off")
             engines[engine.name] = engine
+        wanted = self.settings.default_model
+        if wanted and wanted not in engines:
+            raise RepositoryError(f"default model {wanted!r} is not in the repository")
         return engines
 
-    async def start(self) -> None:
-        """Load and warm up every model off the event loop; ready only when all are."""
+    async def load(self) -> dict[str, ModelEngine]:
+        """Validate and load the whole repository (manifests, every stage session, the
+        calibrations against their manifests), off the event loop. Any fault raises
+        ``StartupError``: a repository that cannot be served must stop the start, not
+        leave a process that answers 503 forever."""
         try:
-            engines = await asyncio.to_thread(self._load_engines)
+            return await asyncio.to_thread(self._load_engines)
         except Exception as exc:
-            self.load_error = f"{type(exc).__name__}: {exc}"
-            log.error("could not load the model repository: %s", self.load_error)
+            self.load_error = self._relative(f"{type(exc).__name__}: {exc}")
+            raise StartupError(f"cannot serve {self.settings.model_repository}: {exc}") from None
+
+    async def warm_up_and_serve(self, engines: dict[str, ModelEngine]) -> None:
+        """Warm every model up, then serve them (ready)."""
+        try:
+            for engine in engines.values():
+                await asyncio.to_thread(engine.warm_up, self.settings.warmup_batches)
+        except Exception as exc:
+            self.load_error = self._relative(f"warm-up failed: {type(exc).__name__}: {exc}")
+            log.error("%s", self.load_error, exc_info=exc)
             return
         self.attach(engines)
+
+    async def start(self) -> None:
+        """Load, warm up and serve (tests and embedders; the app's lifespan does the two
+        steps apart so that /healthz answers during warm-up)."""
+        await self.warm_up_and_serve(await self.load())
 
     def attach(self, engines: dict[str, ModelEngine]) -> None:
         """Serve these loaded engines: a batcher each, then ready (on the running loop)."""
         self.engines = engines
         wanted = self.settings.default_model
-        if wanted and wanted not in engines:
-            self.load_error = f"default model {wanted!r} is not in {self.settings.model_repository}"
-            log.error(self.load_error)
-            return
         self.default_model = wanted or (DEFAULT_MODEL if DEFAULT_MODEL in engines else sorted(engines)[0])
         for name, engine in engines.items():
             batcher = DynamicBatcher(
                 engine, max_batch_size=self.settings.max_batch_size,
                 max_queue_delay_ms=self.settings.max_queue_delay_ms,
                 max_queue_images=self.settings.max_queue_images, on_batch=self.metrics.observe_batch,
+                on_failure=lambda model: self.metrics.inference_failures.labels(model).inc(),
             )
             batcher.start()
             self.batchers[name] = batcher
@@ -111,13 +141,31 @@ class InferenceService:
             self.metrics.effective_budget.labels(name).set(engine.policy.effective_budget)
         self.ready = True
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Let queued work finish for up to ``timeout_s`` (the shutdown timeout), then stop
+        the batchers, abandoning a stage still running."""
         self.draining = True
-        deadline = time.monotonic() + DRAIN_TIMEOUT_S  # in-flight work gets this long to finish
+        deadline = time.monotonic() + (self.settings.shutdown_timeout_s if timeout_s is None else timeout_s)
         for batcher in self.batchers.values():
             while batcher.pending_images > 0 and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
-            await batcher.stop()
+            abandoned = batcher.pending_images
+            if abandoned:
+                log.warning("shutdown timeout: abandoning %d images of %s", abandoned, batcher.engine.name)
+            await batcher.stop(wait=abandoned == 0)
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """(ready, body) for /readyz: draining, loading, a failed load, a stalled model."""
+        if self.draining:
+            return False, {"status": "draining"}
+        if not self.ready:
+            return False, {"status": "error" if self.load_error else "loading", "detail": self.load_error}
+        stalled = {name: round(b.stalled_for(), 1) for name, b in self.batchers.items()
+                   if b.stalled_for() > self.settings.watchdog_s}
+        if stalled:
+            return False, {"status": "stalled", "detail": "models with work and no finished batch for over "
+                           f"{self.settings.watchdog_s:g} s", "models": sorted(stalled)}
+        return True, {"status": "ready", "models": sorted(self.engines)}
 
     # ------------------------------------------------------------------ lookups
     def engine(self, name: str | None) -> ModelEngine:
@@ -140,13 +188,37 @@ class InferenceService:
         return engine.policy.thresholds_for(budget), budget if budget is not None else engine.policy.default_budget
 
     # ------------------------------------------------------------------ work
+    def check_admission(self, engine: ModelEngine, images: int) -> None:
+        """``Overloaded`` now, before the request's body is read, when its model's queue
+        cannot take ``images`` more."""
+        try:
+            self.batchers[engine.name].check_admission(images)
+        except Overloaded:
+            self.metrics.rejected.labels(engine.name).inc()
+            raise
+
     async def decode(self, data: bytes, engine: ModelEngine) -> tuple[np.ndarray, float]:
-        """Small uploads decode inline (cheaper than a thread hop); larger ones off the loop.
-        Raises ``BadImage`` (one of its kinds) for anything that is not a usable image."""
+        """Header first (refuses bombs and images over the model's pixel limit), then the
+        pixels: small images inline (cheaper than a thread hop), larger uploads off the
+        loop, and images over a megapixel a bounded number at a time, so a burst of large
+        uploads cannot multiply memory or starve the loop. Raises ``BadImage`` (one of
+        its kinds) for anything that is not a usable image."""
         started = time.perf_counter()
-        args = (data, engine.manifest.input, self.settings.max_pixels)
-        pixels = decode_image(*args) if len(data) <= INLINE_DECODE_BYTES else await asyncio.to_thread(decode_image, *args)
-        image = engine.manifest.input.normalize(pixels[None])[0]
+        spec = engine.manifest.input
+        img = open_image(data, model_max_pixels(spec.size, self.settings.max_pixels))
+        if img.width * img.height > LARGE_IMAGE_PIXELS:
+            async with self._large_decodes:
+                self.large_decodes_running += 1
+                self.large_decodes_peak = max(self.large_decodes_peak, self.large_decodes_running)
+                try:
+                    pixels = await asyncio.to_thread(to_pixels, img, spec)
+                finally:
+                    self.large_decodes_running -= 1
+        elif len(data) > INLINE_DECODE_BYTES:
+            pixels = await asyncio.to_thread(to_pixels, img, spec)
+        else:
+            pixels = to_pixels(img, spec)
+        image = spec.normalize(pixels[None])[0]
         return image, (time.perf_counter() - started) * 1000
 
     async def classify(self, engine: ModelEngine, image: np.ndarray, thresholds: np.ndarray,

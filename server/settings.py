@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_REPOSITORY = Path("model_repository")
 DEFAULT_MODEL = "msdnet_fmnist"
@@ -31,9 +31,35 @@ class Settings(BaseSettings):
     retry_after_s: int = 1
 
     max_body_bytes: int = 10 * 1024 * 1024
-    max_pixels: int = Field(40_000_000, ge=1, description="decoded width x height, checked before decoding")
+    max_pixels: int = Field(40_000_000, ge=1, description="ceiling on decoded width x height, checked before "
+                            "decoding; each model's own limit is derived from its input size, up to this")
+    max_large_decodes: int = Field(2, ge=1, description="images over 1 megapixel decoded at once, at most")
     max_files: int = Field(256, ge=1)
     max_top_k: int = 10
 
     online_budget: bool = Field(True, description="nudge thresholds so the measured mean cost holds the budget")
     warmup_batches: int = 2
+
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection must send a request's headers within this")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request must send its whole body within this")
+    drain_grace_s: float = Field(5.0, ge=0, description="after SIGTERM, /readyz answers 503 this long before "
+                                 "the listener closes (load balancers see it)")
+    shutdown_timeout_s: float = Field(30.0, gt=0, description="after the grace period, in-flight work gets this "
+                                      "long; then it is abandoned and the process exits")
+    watchdog_s: float = Field(30.0, gt=0, description="a model with work but no finished batch for this long "
+                              "makes /readyz answer 503")
+
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated; "
+                                                     "when set, requests need Authorization: Bearer or X-API-Key")
+    protect_health: bool = Field(False, description="with api_keys: /healthz and /readyz need a key too")
+    protect_metrics: bool = Field(False, description="with api_keys: /metrics needs a key too")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated "
+                                                         "origins allowed by CORS; empty: CORS off")
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import onnxruntime as ort
 
-from exitserve.repository.format import Manifest
+from exitserve.repository.format import Manifest, RepositoryError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,11 @@ def create_session(path: Path, provider: ProviderChoice, intra_op_threads: int |
         _cuda_failed = True
         log.warning("CUDAExecutionProvider is listed but does not load here (missing CUDA/cuDNN libraries); "
                     "running on CPU")
-    return ort.InferenceSession(str(path), session_options(intra_op_threads), providers=[CPU])
+    try:
+        return ort.InferenceSession(str(path), session_options(intra_op_threads), providers=[CPU])
+    except Exception as exc:  # truncated or foreign files: name the file, keep ORT's first line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RepositoryError(f"{path}: not a loadable ONNX stage ({reason})") from None
 
 
 class StagedModel:

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 import exitserve
 from server.http.errors import install_error_handlers
-from server.http.middleware import BodySizeLimit, RequestMetrics
+from server.http.schemas import ErrorResponse
+from server.http.middleware import BodyLimits, RequestMetrics
+from server.http.security import ApiKeyAuth, RequestIdMiddleware
 from server.http.routes import classify, health, models
 from server.metrics import Metrics
-from server.service import InferenceService
+from server.service import InferenceService, StartupError
 from server.settings import Settings
+
+log = logging.getLogger("exitserve")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -23,13 +29,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service: InferenceService = app.state.service
-        loading = asyncio.create_task(service.start())  # /healthz answers while models load
-        app.state.loading = loading
+        try:
+            engines = await service.load()  # a repository that cannot be served fails the start
+        except StartupError as exc:
+            log.error("%s", exc.detail)
+            raise
+        warming = asyncio.create_task(service.warm_up_and_serve(engines))  # /healthz answers meanwhile
+        app.state.loading = warming
         try:
             yield
         finally:
-            if not loading.done():
-                loading.cancel()
+            if not warming.done():
+                warming.cancel()
             await service.stop()
 
     app = FastAPI(
@@ -37,6 +48,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Adaptive early-exit image classification on ONNX Runtime",
         version=exitserve.__version__,
         lifespan=lifespan,
+        # every refusal (401 with keys, 503 while loading, ...) has the same JSON body
+        responses={"default": {"model": ErrorResponse, "description": "an error: `error` code, `detail`, "
+                                                                       "`request_id`"}},
     )
     metrics = Metrics()
     app.state.settings = settings
@@ -47,7 +61,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(health.router)
 
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestMetrics, metrics=metrics, service=app.state.service)  # outermost: sees the 413s
+    # added innermost first: the request id sees everything, metrics see the 401s and 413s
+    app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
+                       service=app.state.service)
+    app.add_middleware(ApiKeyAuth, keys=settings.api_keys, open_paths=open_paths(settings))
+    if settings.cors_origins:  # outside the key check: browsers send preflights without credentials
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=["X-Request-ID"])
+    app.add_middleware(RequestMetrics, metrics=metrics, service=app.state.service)
+    app.add_middleware(RequestIdMiddleware)
     return app
 
+
+def open_paths(settings: Settings) -> set[str]:
+    """Paths that need no API key (when keys are set): health and metrics unless protected,
+    and the API's own documentation."""
+    paths = {"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
+    if not settings.protect_health:
+        paths |= {"/healthz", "/readyz"}
+    if not settings.protect_metrics:
+        paths.add("/metrics")
+    return paths

@@ -4,17 +4,20 @@ and headers (Retry-After where a retry can help)."""
 from __future__ import annotations
 
 import json
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from server.errors import (
     BadImage,
     CorruptImage,
     EmptyImage,
     ImageTooLarge,
+    InferenceFailed,
     InvalidOptions,
     NotAnImage,
     NotReady,
@@ -22,6 +25,7 @@ from server.errors import (
     ServingError,
     UnknownModel,
 )
+from server.request_context import current_request_id
 
 # most specific class first: the first match wins
 STATUS: list[tuple[type[ServingError], int]] = [
@@ -34,9 +38,13 @@ STATUS: list[tuple[type[ServingError], int]] = [
     (EmptyImage, 422),
     (CorruptImage, 422),
     (BadImage, 422),
+    (InferenceFailed, 500),
+    (ServingError, 503),
 ]
 RETRYABLE = (NotReady, Overloaded)
+log = logging.getLogger("exitserve.http")
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+CLIENT_CLOSED_REQUEST = 499  # nginx's convention: the client went away before the answer
 
 
 class RequestProblem(Exception):
@@ -51,8 +59,9 @@ class RequestProblem(Exception):
 
 
 def error_body(code: str, detail: str) -> bytes:
-    """The JSON body of every error response (pure ASGI middleware sends it as bytes)."""
-    return json.dumps({"error": code, "detail": detail}).encode()
+    """The JSON body of every error response (pure ASGI middleware sends it as bytes),
+    with the request id to quote when asking what went wrong."""
+    return json.dumps({"error": code, "detail": detail, "request_id": current_request_id()}).encode()
 
 
 def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> Response:
@@ -73,6 +82,12 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
     async def _request(_: Request, exc: RequestProblem) -> Response:
         return error_response(exc.status, exc.code, exc.detail)
 
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(_: Request, exc: ClientDisconnect) -> Response:
+        # nobody is left to read this; answering keeps it out of the 500s and the error log
+        log.info("client disconnected before the request was read (request id %s)", current_request_id())
+        return error_response(CLIENT_CLOSED_REQUEST, "client_closed_request", "the client disconnected")
+
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> Response:
         parts = []
@@ -88,4 +103,5 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:
+        log.error("unexpected error (request id %s)", current_request_id(), exc_info=exc)
         return error_response(500, "internal_error", f"{type(exc).__name__}: the server failed; see its log")

@@ -1,8 +1,9 @@
-"""Pure ASGI middleware (no per-request task, unlike BaseHTTPMiddleware): the body size
-limit, and the request metrics of the classify routes."""
+"""Pure ASGI middleware (no per-request task, unlike BaseHTTPMiddleware): the body limits,
+and the request metrics of the classify routes."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from urllib.parse import parse_qs
 
@@ -21,21 +22,41 @@ def record_model(scope: Scope, name: str) -> None:
     scope[RESOLVED_MODEL] = name
 
 
-class _TooLarge(Exception):
-    pass
+class _BodyRefused(Exception):
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        self.status, self.code, self.detail = status, code, detail
 
 
-class BodySizeLimit:
-    """Refuses request bodies over the limit with 413, whether the client announces the
-    size (Content-Length) or streams it."""
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            return value.strip() not in (b"0", b"")
+        if name == b"transfer-encoding":
+            return True
+    return False
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+
+class BodyLimits:
+    """Guards on the request body, before any route reads it:
+
+    * over ``max_bytes`` (announced by Content-Length, or counted while streaming): 413;
+    * not all received within ``timeout_s`` of the first read (a slow client): 408;
+    * a response that starts before the body was read to the end (a 4xx refusal, a 405)
+      says ``Connection: close``, so the server does not drain a large body it refused;
+    * while draining, every response says ``Connection: close``: clients move to
+      another replica instead of sending more requests on this connection.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, service: InferenceService) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.service = service
 
-    async def _refuse(self, send: Send) -> None:
-        body = error_body("payload_too_large", f"request body is over the limit of {self.max_bytes} bytes")
-        await send({"type": "http.response.start", "status": 413,
+    @staticmethod
+    async def _refuse(send: Send, status: int, code: str, detail: str) -> None:
+        body = error_body(code, detail)
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
@@ -51,31 +72,48 @@ class BodySizeLimit:
                 except ValueError:
                     announced = -1
                 if announced > self.max_bytes:
-                    await self._refuse(send)
+                    await self._refuse(send, 413, "payload_too_large",
+                                       f"request body is over the limit of {self.max_bytes} bytes")
                     return
+        has_body = _has_body(scope)
         received = 0
+        body_done = not has_body
+        deadline: float | None = None
         started = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done, deadline
+            if body_done:
+                return await receive()  # after the body: disconnect notices, no deadline
+            if deadline is None:
+                deadline = time.monotonic() + self.timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+            except asyncio.TimeoutError:
+                raise _BodyRefused(408, "body_timeout", f"the request body did not arrive within "
+                                                        f"{self.timeout_s:g} s") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _TooLarge
+                    raise _BodyRefused(413, "payload_too_large",
+                                       f"request body is over the limit of {self.max_bytes} bytes")
+                body_done = not message.get("more_body", False)
             return message
 
-        async def tracking_send(message: Message) -> None:
+        async def guarded_send(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                if not body_done or self.service.draining:
+                    headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
+            await self.app(scope, limited_receive, guarded_send)
+        except _BodyRefused as refused:
             if not started:
-                await self._refuse(send)
+                await self._refuse(send, refused.status, refused.code, refused.detail)
 
 
 class RequestMetrics:

@@ -70,3 +70,4 @@ class BatchResponse(BaseModel):
 class ErrorResponse(BaseModel):
     error: str
     detail: str
+    request_id: str | None = None  # quote it when asking what went wrong

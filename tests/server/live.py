@@ -22,10 +22,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(settings: Settings, wait_ready: bool = True, timeout: float = 120.0) -> Iterator[str]:
+def live_server(settings: Settings, wait_ready: bool = True, timeout: float = 120.0,
+                apps: list | None = None) -> Iterator[str]:
+    """Serve ``settings`` on a free loopback port; ``apps`` (a list) receives the app, for
+    tests that look at its state."""
     port = free_port()
     settings = settings.model_copy(update={"host": "127.0.0.1", "port": port})
     app = create_app(settings)
+    if apps is not None:
+        apps.append(app)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

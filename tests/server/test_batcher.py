@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
 
 from exitserve.repository.confidence import ALWAYS
 from server.batcher import DynamicBatcher
-from server.errors import Overloaded
+from server.errors import InferenceFailed, Overloaded
+from server.request_context import request_id_var
 from tests.server.synthetic import SyntheticRuntime, probs_with_confidence, synthetic_engine
 
 THRESHOLDS = np.array([0.9, 0.9, ALWAYS])
@@ -49,21 +51,32 @@ def test_concurrent_requests_share_one_engine_call_and_full_queue_refuses() -> N
     assert [(model, size, sorted(ms)) for model, size, ms in reports] == [("synthetic", 2, [0, 1, 2])]
 
 
-def test_a_failed_batch_fails_its_requests_and_the_batcher_goes_on() -> None:
+def test_a_failed_batch_fails_its_requests_and_the_batcher_goes_on(caplog: pytest.LogCaptureFixture) -> None:
     runtime = SyntheticRuntime(fail_when=lambda stage, rows: bool(np.isclose(rows[:, 0, 0], POISON).any()))
+    failures: list[str] = []
 
     async def scenario() -> None:
-        batcher = batcher_for(runtime, max_queue_delay_ms=20)
+        batcher = batcher_for(runtime, max_queue_delay_ms=20, on_failure=failures.append)
         batcher.start()
-        doomed = [asyncio.ensure_future(batcher.submit(image(c), THRESHOLDS, float("inf"))) for c in (0.95, POISON)]
+
+        async def submit(conf: float, request_id: str):
+            request_id_var.set(request_id)  # each task runs in its own copy of the context
+            return await batcher.submit(image(conf), THRESHOLDS, float("inf"))
+
+        doomed = [asyncio.ensure_future(submit(c, f"req-{i}")) for i, c in enumerate((0.95, POISON))]
         results = await asyncio.gather(*doomed, return_exceptions=True)
-        assert all(isinstance(r, RuntimeError) for r in results)  # the batch failed as a whole
-        assert batcher.pending_images == 0
+        assert all(isinstance(r, InferenceFailed) for r in results)  # the batch failed as a whole
+        assert [r.detail.endswith(f"(request id req-{i})") for i, r in enumerate(results)] == [True, True]
+        assert batcher.pending_images == 0 and batcher.failures == 1
         later = await asyncio.wait_for(batcher.submit(image(), THRESHOLDS, float("inf")), 5)
         assert later.result.exit_index == 0  # the loop survived
         await batcher.stop()
 
-    asyncio.run(scenario())
+    with caplog.at_level("ERROR", logger="server.batcher"):
+        asyncio.run(scenario())
+    assert failures == ["synthetic"]
+    logged = [r for r in caplog.records if r.name == "server.batcher"]
+    assert len(logged) == 1 and "req-0, req-1" in logged[0].getMessage() and logged[0].exc_info
 
 
 def test_bad_thresholds_fail_the_batch_not_the_loop() -> None:
@@ -83,7 +96,7 @@ def test_bad_thresholds_fail_the_batch_not_the_loop() -> None:
     asyncio.run(scenario())
 
 
-def test_whole_jobs_count_against_the_queue_bound() -> None:
+def test_whole_jobs_count_against_the_queue_bound_until_they_run() -> None:
     engine_images = probs_with_confidence(np.full((5, 3), 0.95))
 
     async def scenario() -> None:
@@ -103,12 +116,38 @@ def test_whole_jobs_count_against_the_queue_bound() -> None:
 
         job = asyncio.ensure_future(batcher.run_job(5, slow_job))
         await started.wait()
-        assert batcher.pending_images == 5
-        with pytest.raises(Overloaded):  # 5 running + 4 asked > 8: running images count
-            await batcher.run_job(4, lambda: engine.run_budgeted(engine_images[:4], 0.5))
+        assert (batcher.running_images, batcher.waiting_images) == (5, 0)
+        # running images do not count: 8 may wait behind the running job, a 9th may not
+        waiting = [asyncio.ensure_future(batcher.submit(image(), THRESHOLDS, float("inf"))) for _ in range(8)]
+        await asyncio.sleep(0)
+        assert batcher.waiting_images == 8
+        with pytest.raises(Overloaded):
+            batcher.check_admission(1)
         release.set()
         results = await job
-        assert len(results) == 5 and batcher.pending_images == 0
+        assert len(results) == 5
+        assert [o.result.exit_index for o in await asyncio.gather(*waiting)] == [0] * 8
+        assert batcher.pending_images == 0
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_stall_watch_sees_work_without_progress() -> None:
+    release = threading.Event()
+    runtime = SyntheticRuntime(fail_when=lambda stage, rows: not release.wait(10))  # blocks until released
+
+    async def scenario() -> None:
+        batcher = batcher_for(runtime, max_queue_delay_ms=0)
+        batcher.start()
+        await asyncio.sleep(0.3)
+        assert batcher.stalled_for() == 0.0  # idle is not stalled, however long
+        stuck = asyncio.ensure_future(batcher.submit(image(), THRESHOLDS, float("inf")))
+        await asyncio.sleep(0.3)
+        assert batcher.stalled_for() >= 0.25
+        release.set()
+        await stuck
+        assert batcher.stalled_for() == 0.0
         await batcher.stop()
 
     asyncio.run(scenario())

@@ -5,20 +5,22 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 
 from models.data import load_splits
 from server.http.app import create_app
 from server.metrics import Metrics
-from server.service import InferenceService, RequestOptions
+from server.service import InferenceService, RequestOptions, StartupError
 from server.settings import Settings
 from tests.server.images import encode
-from tests.server.synthetic import probs_with_confidence, synthetic_engine
+from tests.server.synthetic import SyntheticRuntime, probs_with_confidence, synthetic_engine
 from tests.server.live import live_server
 
 
@@ -36,11 +38,10 @@ def test_readyz_is_503_until_loaded_then_200(served_repository: Path) -> None:
             time.sleep(0.05)
 
 
-def test_readyz_reports_a_broken_repository(tmp_path: Path) -> None:
-    with TestClient(create_app(Settings(model_repository=tmp_path / "missing"))) as client:
-        time.sleep(0.2)
-        body = client.get("/readyz").json()
-        assert body["status"] == "error" and "does not exist" in body["detail"]
+def test_a_broken_repository_fails_the_start(tmp_path: Path) -> None:
+    with pytest.raises(StartupError, match="does not exist"):
+        with TestClient(create_app(Settings(model_repository=tmp_path / "missing"))):
+            pass
 
 
 def test_draining_is_not_ready(served_repository: Path) -> None:
@@ -61,10 +62,10 @@ def test_overloaded_server_answers_503_with_retry_after(served_repository: Path)
         while client.get("/readyz").status_code != 200:
             time.sleep(0.05)
         service = app.state.service
-        service.batchers["msdnet_fmnist"].pending_images = 1  # the queue is full
+        service.batchers["msdnet_fmnist"].waiting_images = 1  # the queue is full
         single = client.post("/classify", content=image, headers={"content-type": "image/png"})
         batch = client.post("/classify/batch", files=[("files", ("a.png", image, "image/png"))])
-        service.batchers["msdnet_fmnist"].pending_images = 0
+        service.batchers["msdnet_fmnist"].waiting_images = 0
         metrics = client.get("/metrics").text
     for response in (single, batch):
         assert response.status_code == 503 and response.headers["retry-after"] == "1"
@@ -101,9 +102,29 @@ def test_a_calibration_for_another_export_refuses_to_load(served_repository: Pat
     raw = json.loads((folder / "calibration.json").read_text())
     raw["cost_fractions"][0] += 0.01
     (folder / "calibration.json").write_text(json.dumps(raw))
-    with TestClient(create_app(Settings(model_repository=tmp_path / "repo"))) as client:
-        deadline = time.monotonic() + 60
-        while (body := client.get("/readyz").json())["status"] == "loading" and time.monotonic() < deadline:
-            time.sleep(0.05)
-    assert body["status"] == "error"
-    assert "calibration.json" in body["detail"] and "calibrate this export again" in body["detail"]
+    with pytest.raises(StartupError, match="calibration.json.*calibrate this export again"):
+        with TestClient(create_app(Settings(model_repository=tmp_path / "repo"))):
+            pass
+
+
+def test_readiness_turns_503_when_a_model_stops_making_progress() -> None:
+    release = threading.Event()
+    runtime = SyntheticRuntime(fail_when=lambda stage, rows: not release.wait(10))  # a stage that hangs
+    engine = synthetic_engine(runtime)
+    service = InferenceService(Settings(watchdog_s=0.2), Metrics())
+    image = probs_with_confidence(np.full((1, 3), 0.95))[0]
+
+    async def scenario() -> None:
+        service.attach({"synthetic": engine})
+        assert service.readiness()[0]
+        stuck = asyncio.ensure_future(service.classify(engine, image, engine.policy.thresholds_for(None),
+                                                       RequestOptions(), time.perf_counter()))
+        await asyncio.sleep(0.5)
+        ready, body = service.readiness()
+        assert not ready and body["status"] == "stalled" and body["models"] == ["synthetic"]
+        release.set()
+        await stuck
+        assert service.readiness() == (True, {"status": "ready", "models": ["synthetic"]})
+        await service.stop()
+
+    asyncio.run(scenario())

@@ -184,10 +184,10 @@ def test_uncalibrated_model_runs_full_depth() -> None:
 def test_explicit_thresholds() -> None:
     policy = synthetic_engine().policy
     np.testing.assert_array_equal(policy.explicit_thresholds([0.5, 0.6]), [0.5, 0.6, ALWAYS])
-    np.testing.assert_array_equal(policy.explicit_thresholds([0.5, 0.6, 0.9]), [0.5, 0.6, ALWAYS])
-    with pytest.raises(InvalidOptions) as caught:
-        policy.explicit_thresholds([0.5])
-    assert caught.value.code == "invalid_thresholds"
+    for wrong in ([0.5], [0.5, 0.6, 0.9]):  # one too few, one too many: refused, never cut
+        with pytest.raises(InvalidOptions, match="give exactly 2 thresholds") as caught:
+            policy.explicit_thresholds(wrong)
+        assert caught.value.code == "invalid_thresholds"
 
 
 def test_controller_moves_both_ways_and_stays_in_bounds() -> None:

@@ -36,36 +36,50 @@ from server.service import InferenceService, RequestOptions
 router = APIRouter()
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (404, 413, 415, 422, 503)
+    **{code: {"model": ErrorResponse} for code in (401, 404, 408, 413, 415, 422, 500, 503)},
+    "default": {"model": ErrorResponse, "description": "any other refusal, with the same JSON body"},
 }
+OPTIONS: dict[str, dict[str, Any]] = {  # the bounds parse_options enforces, for the schema
+    "budget": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
+               "description": "mean cost per image, fraction of the full network"},
+    "deadline_ms": {"type": "number", "exclusiveMinimum": 0, "maximum": 600_000},
+    "top_k": {"type": "integer", "minimum": 1, "maximum": 10},
+    "model": {"type": "string", "description": "a model of GET /v1/models (default: the server's default)"},
+    "thresholds": {"type": "string", "pattern": r"^[-+0-9.eE]+(,[-+0-9.eE]+)*$",
+                   "description": "comma-separated confidences, exactly one per exit but the last"},
+}
+BATCH_OPTIONS = ("budget", "model", "top_k")
+
+
+def _parameters(names) -> list[dict[str, Any]]:
+    return [{"name": name, "in": "query", "required": False, "schema": OPTIONS[name]} for name in names]
+
+
 SINGLE_BODY = {
+    "parameters": _parameters(OPTIONS),
     "requestBody": {
         "content": {
             "multipart/form-data": {
                 "schema": {"type": "object", "required": ["file"], "properties": {
-                    "file": {"type": "string", "format": "binary"},
-                    "budget": {"type": "number"}, "deadline_ms": {"type": "number"},
-                    "top_k": {"type": "integer"}, "model": {"type": "string"},
-                    "thresholds": {"type": "string", "description": "comma-separated, one per exit but the last"},
-                }}
+                    "file": {"type": "string", "format": "binary"}, **OPTIONS}}
             },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
         },
         "required": True,
-    }
+    },
 }
 BATCH_BODY = {
+    "parameters": _parameters(BATCH_OPTIONS),
     "requestBody": {
         "content": {
             "multipart/form-data": {
                 "schema": {"type": "object", "required": ["files"], "properties": {
-                    "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                    "budget": {"type": "number"}, "model": {"type": "string"}, "top_k": {"type": "integer"},
-                }}
+                    "files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}},
+                    **{name: OPTIONS[name] for name in BATCH_OPTIONS}}}
             }
         },
         "required": True,
-    }
+    },
 }
 
 
@@ -120,6 +134,15 @@ def parse_options(form: FormData | None, request: Request, engine: ModelEngine, 
 
 
 async def read_form(request: Request, max_files: int) -> FormData:
+    """The multipart form, refused unless the body ends with its closing boundary: the
+    parser would otherwise drop a cut-off last part and answer as if it was never sent."""
+    body = await request.body()  # bounded by the body size limit; the form parser reads this copy
+    boundary = _boundary(request)
+    if boundary is None:
+        raise RequestProblem(422, "invalid_multipart", "multipart/form-data needs a boundary parameter")
+    if b"--" + boundary + b"--" not in body[-(len(boundary) + 512):]:
+        raise RequestProblem(422, "invalid_multipart",
+                             "the multipart body ends before its closing boundary: the upload was cut off")
     try:
         return await request.form(max_files=max_files, max_fields=64)
     except (MultiPartException, StarletteHTTPException) as exc:  # Starlette wraps the former in a 400
@@ -127,6 +150,14 @@ async def read_form(request: Request, max_files: int) -> FormData:
         if "Too many files" in message:
             raise RequestProblem(413, "too_many_files", f"{message} (at most {max_files} per request)") from None
         raise RequestProblem(422, "invalid_multipart", message) from None
+
+
+def _boundary(request: Request) -> bytes | None:
+    for param in request.headers.get("content-type", "").split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "boundary" and value.strip('"'):
+            return value.strip('"').encode("latin-1")
+    return None
 
 
 def describe(engine: ModelEngine, result: ExitResult, top_k: int) -> Classification:
@@ -152,6 +183,16 @@ def resolve_engine(request: Request, service: InferenceService, form: FormData |
     return engine
 
 
+def admit_before_reading(request: Request, service: InferenceService, images: int) -> None:
+    """Refuse a full model's requests before their body is read and decoded, so that
+    refusing is cheap. The model is the one the query names (a form field is not known
+    yet); the real admission happens when the decoded image is queued."""
+    name = request.query_params.get("model")
+    engine = service.engine(name) if name is None or name in service.engines else None
+    if engine is not None:
+        service.check_admission(engine, images)
+
+
 def _content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
@@ -164,6 +205,7 @@ def _content_type(request: Request) -> str:
 async def classify(request: Request, service: Service, settings: AppSettings) -> Response:
     arrived = time.perf_counter()
     kind = _content_type(request)
+    admit_before_reading(request, service, images=1)
     form = None
     if kind == "multipart/form-data":
         form = await read_form(request, max_files=1)
@@ -198,6 +240,7 @@ async def classify_batch(request: Request, service: Service, settings: AppSettin
     arrived = time.perf_counter()
     if _content_type(request) != "multipart/form-data":
         raise RequestProblem(415, "unsupported_media_type", "send multipart/form-data with repeated 'files' fields")
+    admit_before_reading(request, service, images=1)
     form = await read_form(request, max_files=settings.max_files)
     uploads = form.getlist("files")
     if not uploads:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.http.routes.deps import Service
@@ -16,17 +16,15 @@ async def healthz() -> dict[str, str]:
     return {"status": "alive"}
 
 
-@router.get("/readyz", summary="Readiness: every stage session loaded and warmed up, not draining")
+@router.get("/readyz", summary="Readiness: every model loaded and warmed up, not draining, not stalled",
+            responses={503: {"description": "loading, failed to load, draining or stalled"}})
 async def readyz(service: Service) -> JSONResponse:
-    if service.draining:
-        return JSONResponse({"status": "draining"}, status_code=503)
-    if not service.ready:
-        body = {"status": "error" if service.load_error else "loading", "detail": service.load_error}
-        return JSONResponse(body, status_code=503)
-    return JSONResponse({"status": "ready", "models": sorted(service.engines)})
+    ready, body = service.readiness()
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=PlainTextResponse,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request) -> Response:
     registry = request.app.state.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import Any
 
 from fastapi import APIRouter
 
 from server.engine import ModelEngine
 from server.http.routes.deps import Service
+from server.http.schemas import ErrorResponse
 
 router = APIRouter(prefix="/v1")
 
@@ -27,13 +29,24 @@ def summary(engine: ModelEngine, default: bool) -> dict[str, Any]:
     }
 
 
-@router.get("/models", summary="The models this server serves")
+def public_manifest(engine: ModelEngine) -> dict[str, Any]:
+    """The manifest as clients see it: the source checkpoint by file name, not by the path
+    it had on the machine that exported it."""
+    manifest = engine.manifest.model_dump()
+    manifest["source"]["checkpoint"] = PurePath(manifest["source"]["checkpoint"]).name
+    return manifest
+
+
+@router.get("/models", summary="The models this server serves",
+            responses={503: {"model": ErrorResponse, "description": "models are still loading"}})
 async def list_models(service: Service) -> dict[str, Any]:
     service.engine(None)  # 503 while loading
     return {"models": [summary(e, name == service.default_model) for name, e in sorted(service.engines.items())]}
 
 
-@router.get("/models/{name}", summary="A model's manifest, calibration summary, provider and budget in force")
+@router.get("/models/{name}", summary="A model's manifest, calibration summary, provider and budget in force",
+            responses={404: {"model": ErrorResponse, "description": "no such model"},
+                       503: {"model": ErrorResponse, "description": "models are still loading"}})
 async def model_detail(name: str, service: Service) -> dict[str, Any]:
     engine = service.engine(name)
     calibration = engine.calibration
@@ -54,6 +67,6 @@ async def model_detail(name: str, service: Service) -> dict[str, Any]:
         **summary(engine, name == service.default_model),
         "measured_mean_cost": measured,
         "stage_latency_ms": [round(lat.predict_ms(1), 4) for lat in engine.policy.latency],
-        "manifest": engine.manifest.model_dump(),
+        "manifest": public_manifest(engine),
         "calibration": calibration_summary,
     }

@@ -1,0 +1,298 @@
+"""Overload test: exitserve with a small admission queue vs the default queue, under wrk.
+
+One run starts exitserve twice in turn on loopback (once with
+``EXITSERVE_MAX_QUEUE_IMAGES=<queue>``, once with the default queue), drives each with
+``wrk -t1 -c<connections> -d<duration>s --latency -s loadtest/wrk/classify.lua`` (raw PNG
+bodies of Fashion-MNIST test images to POST /classify) and prints a Markdown table:
+successful (2xx) and 503 responses per second, other statuses, latency percentiles, and
+the CPU used by wrk and by the server (% of one core). The numbers go to ``--out`` as JSON.
+Traffic goes only to 127.0.0.1, for ``--duration`` seconds per configuration.
+
+    python -m loadtest.overload --repository model_repository --connections 64 --duration 20 --queue 8
+
+Needs ``wrk`` (Debian: ``apt-get install wrk``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlencode
+
+ROOT = Path(__file__).resolve().parent.parent
+LUA_SCRIPT = ROOT / "loadtest" / "wrk" / "classify.lua"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MARKER = "STATUS_COUNTS "
+
+
+# --------------------------------------------------------------------------- the server
+
+
+@dataclass
+class Server:
+    """An exitserve subprocess; its stderr goes to ``log``."""
+
+    proc: subprocess.Popen
+    url: str
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+def start_server(repository: Path, port: int, env: dict[str, str | None], log: Path,
+                 timeout: float = 300.0, label: str = "exitserve") -> Server:
+    """Start ``exitserve serve`` on 127.0.0.1:``port`` and wait until /readyz answers 200.
+
+    ``env`` is merged into the environment; a value of None removes that variable."""
+    full_env = dict(os.environ)
+    for key, value in env.items():
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "exitserve.cli", "serve", "--model-repository", str(repository),
+           "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    url = f"http://127.0.0.1:{port}"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
+    server = Server(proc, url, log)
+    started = time.monotonic()
+    try:
+        while True:
+            waited = time.monotonic() - started
+            print(f"\r{label}: waiting for {url}/readyz ... {waited:4.0f} s", end="", file=sys.stderr, flush=True)
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        print(f"\r{label}: ready after {waited:.1f} s (pid {proc.pid}){' ' * 10}", file=sys.stderr)
+                        return server
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"exitserve exited with {proc.returncode}:\n{server.log_tail()}")
+            if waited > timeout:
+                raise RuntimeError(f"exitserve was not ready in {timeout:.0f} s:\n{server.log_tail()}")
+            time.sleep(0.5)
+    except BaseException:
+        print(file=sys.stderr)
+        stop_server(server)
+        raise
+
+
+def stop_server(server: Server, grace: float = 30.0) -> int | None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds. Returns the exit status."""
+    proc = server.proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            print(f"exitserve (pid {proc.pid}) still running {grace:.0f} s after SIGTERM: killing",
+                  file=sys.stderr)
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """user + system CPU time of a live process, from /proc/<pid>/stat (its threads included)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "; fields[0] is field 3 (state)
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    return (utime + stime) / CLK_TCK
+
+
+def children_cpu_seconds() -> float:
+    """user + system CPU time of this process's terminated, waited-for children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+# --------------------------------------------------------------------------- wrk
+
+
+def require_wrk() -> str:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        sys.exit("loadtest.overload: `wrk` is not installed (or not on PATH). "
+                 "On Debian/Ubuntu: apt-get install wrk")
+    return wrk
+
+
+def wrk_version(wrk: str) -> str:
+    out = subprocess.run([wrk, "-v"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout
+    return (out.splitlines() or [""])[0].strip()
+
+
+def write_images(folder: Path, count: int) -> int:
+    """The first ``count`` Fashion-MNIST test images as PNG files in ``folder``."""
+    from loadtest.images import encoded_test_images
+
+    blobs, _ = encoded_test_images(count)
+    for i, blob in enumerate(blobs):
+        (folder / f"{i:05d}.png").write_bytes(blob)
+    return len(blobs)
+
+
+def run_wrk(wrk: str, url: str, images: Path, connections: int, duration: int, label: str,
+            timeout: str | None = None) -> tuple[dict, str, float]:
+    """One wrk run; returns the STATUS_COUNTS record, wrk's stdout, and wrk's CPU seconds."""
+    cmd = [wrk, "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(LUA_SCRIPT)]
+    if timeout:
+        cmd += ["--timeout", timeout]
+    cmd.append(url)
+    env = {**os.environ, "EXITSERVE_WRK_IMAGES": str(images)}
+    cpu_before = children_cpu_seconds()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    started = time.monotonic()
+    while True:
+        print(f"\r{label}: wrk {time.monotonic() - started:4.0f}/{duration} s", end="", file=sys.stderr, flush=True)
+        try:
+            proc.wait(timeout=1)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+    output = proc.stdout.read()
+    proc.stdout.close()
+    cpu = children_cpu_seconds() - cpu_before
+    print(f"\r{label}: wrk done ({time.monotonic() - started:.1f} s){' ' * 10}", file=sys.stderr)
+    record = next((json.loads(line[len(MARKER):]) for line in output.splitlines() if line.startswith(MARKER)), None)
+    if proc.returncode != 0 or record is None:
+        raise RuntimeError(f"wrk failed (exit {proc.returncode}): {' '.join(cmd)}\n{output[-3000:]}")
+    return record, output, cpu
+
+
+# --------------------------------------------------------------------------- one configuration
+
+
+def measure(name: str, env: dict[str, str | None], args: argparse.Namespace, wrk: str, images: Path,
+            url_query: str, log: Path) -> dict:
+    """Start the server with ``env``, optionally warm it up, run wrk, stop the server."""
+    server = start_server(args.repository, args.port, env, log, label=name)
+    try:
+        url = f"{server.url}/classify{url_query}"
+        if args.warmup > 0:
+            run_wrk(wrk, url, images, args.connections, args.warmup, f"{name} (warm-up)", args.wrk_timeout)
+        server_cpu_before, wall_before = process_cpu_seconds(server.pid), time.monotonic()
+        record, output, client_cpu = run_wrk(wrk, url, images, args.connections, args.duration, name,
+                                             args.wrk_timeout)
+        wall = time.monotonic() - wall_before
+        server_cpu = process_cpu_seconds(server.pid) - server_cpu_before
+    finally:
+        exit_status = stop_server(server)
+    duration = record["duration_s"] or wall
+    status = {int(code): n for code, n in record["status"].items()}
+    ok = sum(n for code, n in status.items() if 200 <= code < 300)
+    rejected = status.get(503, 0)
+    other = {str(code): n for code, n in sorted(status.items()) if not (200 <= code < 300 or code == 503)}
+    socket_errors = {k: v for k, v in record["errors"].items() if k != "status" and v}
+    return {
+        "configuration": name,
+        "env": {k: v for k, v in env.items() if v is not None},
+        "url": url,
+        "connections": args.connections,
+        "duration_s": duration,
+        "requests": record["requests"],
+        "status_counts": {str(code): n for code, n in sorted(status.items())},
+        "ok_per_s": ok / duration,
+        "rejected_503_per_s": rejected / duration,
+        "other_statuses": other,
+        "socket_errors": socket_errors,
+        "latency_ms": record["latency_ms"],
+        "client_cpu_s": client_cpu,
+        "client_cpu_pct": 100 * client_cpu / wall,
+        "server_cpu_s": server_cpu,
+        "server_cpu_pct": 100 * server_cpu / wall,
+        "wall_s": wall,
+        "server_exit_status": exit_status,
+        "wrk_output": output,
+    }
+
+
+def markdown(results: list[dict], cpu_count: int | None) -> str:
+    lines = [
+        "| configuration | successful req/s (2xx) | 503/s | other statuses | p50 ms | p99 ms | client CPU % | server CPU % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        other = {**r["other_statuses"], **{f"socket {k}": v for k, v in r["socket_errors"].items()}}
+        other_text = ", ".join(f"{k}: {v}" for k, v in other.items()) or "none"
+        lat = r["latency_ms"]
+        lines.append(f"| {r['configuration']} | {r['ok_per_s']:.0f} | {r['rejected_503_per_s']:.0f} | {other_text} | "
+                     f"{lat['p50']:.2f} | {lat['p99']:.2f} | {r['client_cpu_pct']:.0f} | {r['server_cpu_pct']:.0f} |")
+    lines += ["", f"wrk -t1 -c{results[0]['connections']}, {results[0]['duration_s']:.0f} s per configuration; "
+              f"CPU % is of one core ({cpu_count} cores here); latency percentiles are wrk's, over all "
+              "responses (fast 503s included)."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repository", type=Path, required=True, help="model repository (folder of model folders)")
+    parser.add_argument("--model", default=None, help="model to request (default: the server's default model)")
+    parser.add_argument("--budget", type=float, default=None, help="?budget= sent with each request")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--duration", type=int, default=20, help="seconds of measured load per configuration")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured wrk load first (0: none)")
+    parser.add_argument("--queue", type=int, default=8, help="EXITSERVE_MAX_QUEUE_IMAGES of the small-queue run")
+    parser.add_argument("--port", type=int, default=8790)
+    parser.add_argument("--images", type=int, default=256, help="Fashion-MNIST test images to cycle")
+    parser.add_argument("--wrk-timeout", default=None, help="wrk --timeout (wrk's default: 2s)")
+    parser.add_argument("--out", type=Path, default=Path("runs/overload.json"))
+    args = parser.parse_args(argv)
+
+    wrk = require_wrk()
+    if not args.repository.is_dir():
+        parser.error(f"{args.repository} is not a directory")
+    from server.settings import Settings
+
+    default_queue = Settings.model_fields["max_queue_images"].default
+    query = {k: v for k, v in {"model": args.model, "budget": args.budget}.items() if v is not None}
+    url_query = f"?{urlencode(query)}" if query else ""
+    base_env: dict[str, str | None] = {"EXITSERVE_DEFAULT_MODEL": args.model} if args.model else {}
+    configurations = [
+        (f"max_queue_images={args.queue}", {**base_env, "EXITSERVE_MAX_QUEUE_IMAGES": str(args.queue)}),
+        (f"default queue ({default_queue})", {**base_env, "EXITSERVE_MAX_QUEUE_IMAGES": None}),
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="exitserve-overload-") as tmp:
+        images = Path(tmp) / "images"
+        images.mkdir()
+        print(f"writing {args.images} test images as PNG to {images}", file=sys.stderr)
+        count = write_images(images, args.images)
+        results = []
+        for i, (name, env) in enumerate(configurations):
+            log = args.out.with_name(f"{args.out.stem}.server{i}.log")
+            results.append(measure(name, env, args, wrk, images, url_query, log))
+    report = {"repository": str(args.repository), "model": args.model, "budget": args.budget, "images": count,
+              "cpu_count": os.cpu_count(), "wrk": wrk_version(wrk), "results": results}
+    args.out.write_text(json.dumps(report, indent=2))
+    print(markdown(results, os.cpu_count()))
+    print(f"\nwritten: {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

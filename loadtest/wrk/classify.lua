@@ -1,0 +1,118 @@
+-- wrk script for exitserve: POST raw PNG bodies to /classify, count responses per status.
+--
+--   EXITSERVE_WRK_IMAGES=/path/to/pngs \
+--     wrk -t1 -c64 -d20s --latency -s loadtest/wrk/classify.lua 'http://127.0.0.1:8000/classify?budget=0.3'
+--
+-- The path and query come from wrk's URL (wrk.path keeps the query string). Each thread
+-- reads every *.png in $EXITSERVE_WRK_IMAGES at init and cycles through them, each
+-- request pre-formatted once. done() prints one line:
+--
+--   STATUS_COUNTS {"status":{"200":1234,"503":56},"requests":1290,"duration_s":20.0,
+--                  "latency_ms":{"p50":..,"p90":..,"p99":..,...},"errors":{...},...}
+--
+-- "status" sums the per-thread counts gathered through setup(thread) / thread:get().
+-- Latency percentiles are wrk's, over every response (fast 503s included).
+
+local threads = {}   -- main Lua state: every thread, collected in setup()
+
+function setup(thread)
+   thread:set("id", #threads)
+   table.insert(threads, thread)
+end
+
+-- Per-thread state (each wrk thread has its own Lua state).
+counts = {}          -- status code -> responses, read back by done() via thread:get("counts")
+local requests = {}  -- pre-formatted HTTP requests, one per image
+local next_index = 1
+
+local function list_pngs(dir)
+   local files = {}
+   local pipe = io.popen("find '" .. dir:gsub("'", "'\\''") .. "' -maxdepth 1 -type f -iname '*.png' | sort")
+   for line in pipe:lines() do
+      table.insert(files, line)
+   end
+   pipe:close()
+   return files
+end
+
+function init(args)
+   local dir = os.getenv("EXITSERVE_WRK_IMAGES")
+   if dir == nil or dir == "" then
+      io.stderr:write("classify.lua: set EXITSERVE_WRK_IMAGES to a directory of PNG files\n")
+      os.exit(2)
+   end
+   for _, path in ipairs(list_pngs(dir)) do
+      local f = assert(io.open(path, "rb"))
+      local body = f:read("*a")
+      f:close()
+      table.insert(requests, wrk.format("POST", wrk.path, {["Content-Type"] = "image/png"}, body))
+   end
+   if #requests == 0 then
+      io.stderr:write("classify.lua: no *.png files in " .. dir .. "\n")
+      os.exit(2)
+   end
+   -- threads start at different images
+   next_index = ((id or 0) * 97) % #requests + 1
+end
+
+function request()
+   local req = requests[next_index]
+   next_index = next_index % #requests + 1
+   return req
+end
+
+function response(status, headers, body)
+   counts[status] = (counts[status] or 0) + 1
+end
+
+local function json_value(v)
+   if type(v) == "table" then
+      local parts, is_array = {}, #v > 0
+      if is_array then
+         for _, item in ipairs(v) do table.insert(parts, json_value(item)) end
+         return "[" .. table.concat(parts, ",") .. "]"
+      end
+      local keys = {}
+      for k in pairs(v) do table.insert(keys, k) end
+      table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+      for _, k in ipairs(keys) do
+         table.insert(parts, string.format("%q:%s", tostring(k), json_value(v[k])))
+      end
+      return "{" .. table.concat(parts, ",") .. "}"
+   elseif type(v) == "number" then
+      if v ~= v or v == math.huge or v == -math.huge then return "null" end
+      if v == math.floor(v) and math.abs(v) < 2^53 then return string.format("%d", v) end
+      return string.format("%.6f", v)
+   elseif type(v) == "string" then
+      return string.format("%q", v)
+   end
+   return tostring(v)
+end
+
+function done(summary, latency, requests)
+   local status = {}
+   for _, thread in ipairs(threads) do
+      local per_thread = thread:get("counts") or {}
+      for code, n in pairs(per_thread) do
+         local key = tostring(code)
+         status[key] = (status[key] or 0) + n
+      end
+   end
+   local us = 1000.0  -- wrk reports microseconds
+   local out = {
+      status = status,
+      requests = summary.requests,
+      duration_s = summary.duration / 1e6,
+      bytes = summary.bytes,
+      threads = #threads,
+      errors = {
+         connect = summary.errors.connect, read = summary.errors.read, write = summary.errors.write,
+         status = summary.errors.status, timeout = summary.errors.timeout,
+      },
+      latency_ms = {
+         p50 = latency:percentile(50) / us, p90 = latency:percentile(90) / us,
+         p99 = latency:percentile(99) / us, mean = latency.mean / us, max = latency.max / us,
+      },
+   }
+   io.write("STATUS_COUNTS " .. json_value(out) .. "\n")
+end
