@@ -182,6 +182,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--default-budget", type=float, default=None)
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes on one port (default EXITSERVE_WORKERS, 1); ONNX Runtime threads are split "
+                        "among them")
     p.add_argument("--log-level", default="info")
     p.set_defaults(handler=_run_serve)
 
@@ -191,7 +194,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     from server.settings import DEFAULT_MODEL, Settings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "default_budget": args.default_budget,
-                                   "model_repository": args.model_repository}.items() if v is not None}
+                                   "model_repository": args.model_repository, "workers": args.workers}.items()
+                 if v is not None}
     settings = Settings(**overrides)
     if args.model_repository is None:
         _ensure_default_repository(settings.model_repository / DEFAULT_MODEL)
@@ -213,7 +217,36 @@ def _ensure_default_repository(folder) -> None:
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the registered model builders")
-    p.set_defaults(handler=lambda args: print("\n".join(__import__("models.registry").registry.list_models())) or 0)
+    p.set_defaults(handler=_run_models)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    print("\n".join(registered_builders()))
+    return 0
+
+
+def registered_builders() -> list[str]:
+    """The names ``@register_model`` registers, read from the family modules' source: the
+    same list as ``models.registry.list_models()``, without importing PyTorch, so a
+    serving-only install can answer too."""
+    import ast
+    import importlib.util
+
+    from models import FAMILY_MODULES
+
+    spec = importlib.util.find_spec("models")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    names = []
+    for family in FAMILY_MODULES:
+        tree = ast.parse((folder / f"{family}.py").read_text())
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and any(
+                    isinstance(d, ast.Name) and d.id == "register_model" for d in node.decorator_list):
+                names.append(node.name)
+    return sorted(names)
+
+
+EXTRA_OF = {"torch": "train", "onnx": "train", "matplotlib": "train"}
 
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
@@ -233,6 +266,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
+    except ModuleNotFoundError as exc:
+        root = (exc.name or "").split(".")[0]
+        if root not in EXTRA_OF:
+            raise
+        print(f"exitserve {args.command}: needs the '{EXTRA_OF[root]}' extra ({root} is not installed): "
+              f"pip install 'exitserve[{EXTRA_OF[root]}]'", file=sys.stderr)
+        return 2
     except (ValueError, KeyError, FileNotFoundError, TypeError, RuntimeError, OSError) as exc:
         print(f"exitserve {args.command}: error: {exc}", file=sys.stderr)
         return 2

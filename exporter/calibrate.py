@@ -37,7 +37,14 @@ import numpy as np
 from tqdm import tqdm
 
 from exitserve.repository.confidence import ALWAYS, DEFAULT_RULE, NEVER, ConfidenceRule
-from exitserve.repository.format import BudgetPoint, Calibration, load_manifest, write_json
+from exitserve.repository.format import (
+    SERVING_FILE,
+    BudgetPoint,
+    Calibration,
+    load_manifest,
+    write_budget_floor,
+    write_json,
+)
 from exitserve.repository.runtime import StagedModel
 from exporter.exit_table import ExitTable, exit_table
 from models.data import SPLIT_SEED, ImageDataset, load_splits
@@ -246,6 +253,9 @@ def calibrate_repository(folder: str | Path, *, rule: ConfidenceRule = DEFAULT_R
     splits = load_splits(manifest.source.dataset, data_dir, manifest.input.size)
     calibration, picks = calibrate(staged, splits.holdout, rule, progress)
     write_json(folder / "calibration.json", calibration)
+    if floor := write_budget_floor(folder, manifest):
+        print(f"{folder.name}: its first exit costs more than the server's default budget: wrote "
+              f"{SERVING_FILE} with default_budget {floor.default_budget}")
     test_report = None
     if report:
         from exporter.report import build_test_report, write_report

@@ -117,11 +117,28 @@ def stop_server(server: Server, grace: float = 30.0) -> int | None:
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """user + system CPU time of a live process, from /proc/<pid>/stat (its threads included)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "; fields[0] is field 3 (state)
-    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
-    return (utime + stime) / CLK_TCK
+    """user + system CPU time of a live process and its live descendants (the workers of
+    ``--workers N``), from /proc/<pid>/stat (threads included)."""
+    total = 0.0
+    for one in [pid, *_descendants(pid)]:
+        try:
+            stat = Path(f"/proc/{one}/stat").read_text()
+        except FileNotFoundError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "; fields[0] is field 3 (state)
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
+    return total
+
+
+def _descendants(pid: int) -> list[int]:
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*/children"):
+            children = [int(c) for c in task.read_text().split()]
+            found += children
+            frontier += children
+    return found
 
 
 def children_cpu_seconds() -> float:
@@ -257,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, default=20, help="seconds of measured load per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured wrk load first (0: none)")
     parser.add_argument("--queue", type=int, default=8, help="EXITSERVE_MAX_QUEUE_IMAGES of the small-queue run")
+    parser.add_argument("--compare", choices=["queue", "workers"], default="queue",
+                        help="queue: a small queue against the default one; workers: 1 worker against --workers")
+    parser.add_argument("--workers", type=int, default=2, help="EXITSERVE_WORKERS of the second run (--compare workers)")
     parser.add_argument("--port", type=int, default=8790)
     parser.add_argument("--images", type=int, default=256, help="Fashion-MNIST test images to cycle")
     parser.add_argument("--wrk-timeout", default=None, help="wrk --timeout (wrk's default: 2s)")
@@ -272,10 +292,16 @@ def main(argv: list[str] | None = None) -> int:
     query = {k: v for k, v in {"model": args.model, "budget": args.budget}.items() if v is not None}
     url_query = f"?{urlencode(query)}" if query else ""
     base_env: dict[str, str | None] = {"EXITSERVE_DEFAULT_MODEL": args.model} if args.model else {}
-    configurations = [
-        (f"max_queue_images={args.queue}", {**base_env, "EXITSERVE_MAX_QUEUE_IMAGES": str(args.queue)}),
-        (f"default queue ({default_queue})", {**base_env, "EXITSERVE_MAX_QUEUE_IMAGES": None}),
-    ]
+    if args.compare == "queue":
+        configurations = [
+            (f"max_queue_images={args.queue}", {**base_env, "EXITSERVE_MAX_QUEUE_IMAGES": str(args.queue)}),
+            (f"default queue ({default_queue})", {**base_env, "EXITSERVE_MAX_QUEUE_IMAGES": None}),
+        ]
+    else:
+        configurations = [
+            ("1 worker", {**base_env, "EXITSERVE_WORKERS": "1"}),
+            (f"{args.workers} workers", {**base_env, "EXITSERVE_WORKERS": str(args.workers)}),
+        ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="exitserve-overload-") as tmp:
         images = Path(tmp) / "images"

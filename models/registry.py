@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import fields, is_dataclass
 from typing import Any, TypeVar
 
 from torch import nn
+
+from models import FAMILY_MODULES
 
 Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
 Config = TypeVar("Config")
@@ -56,9 +59,8 @@ def build_config(
 
 def _load_families() -> None:
     # importing a family module runs its @register_model decorators
-    import models.msdnet  # noqa: F401
-    import models.espnetv2  # noqa: F401
-    import models.googlenet  # noqa: F401
+    for family in FAMILY_MODULES:
+        importlib.import_module(f"models.{family}")
 
 
 def list_models() -> list[str]:

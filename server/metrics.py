@@ -1,14 +1,25 @@
-"""Prometheus metrics, on a registry of the app's own (tests run several apps)."""
+"""Prometheus metrics, on a registry of the app's own (tests run several apps).
+
+With several workers (``multiprocess_dir``), prometheus-client's multiprocess mode keeps
+each worker's values in files there; ``exposition`` then aggregates every worker, live
+and exited: counters and histograms add up, the queue gauge sums the live workers.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from pathlib import Path
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2, 5)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+    def __init__(self, multiprocess_dir: Path | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry()
         r = self.registry
         self.request_latency = Histogram(
@@ -36,12 +47,13 @@ class Metrics:
             "exitserve_batch_size", "Images per engine call.", ["model"],
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r,
         )
-        self.queue_depth = Gauge("exitserve_queue_images", "Images queued or running.", ["model"], registry=r)
+        self.queue_depth = Gauge("exitserve_queue_images", "Images waiting or running.", ["model"], registry=r,
+                                 multiprocess_mode="livesum")
         self.budget = Gauge("exitserve_budget", "Configured default budget (fraction of full cost).", ["model"],
-                            registry=r)
+                            registry=r, multiprocess_mode="livemax")
         self.effective_budget = Gauge(
             "exitserve_effective_budget", "Budget the thresholds are looked up with after online correction.",
-            ["model"], registry=r,
+            ["model"], registry=r, multiprocess_mode="liveall",  # each worker has its own controller: a pid label
         )
         self.inference_failures = Counter(
             "exitserve_inference_failures_total", "Engine runs that failed (their requests got 500).", ["model"],
@@ -62,3 +74,11 @@ class Metrics:
         self.batch_size.labels(model).observe(size)
         for stage, ms in stage_ms.items():
             self.stage_latency.labels(model, str(stage)).observe(ms / 1000)
+
+    def exposition(self) -> bytes:
+        """The text format of every metric, aggregated over the workers when there are several."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        aggregated = CollectorRegistry()
+        MultiProcessCollector(aggregated, path=str(self.multiprocess_dir))
+        return generate_latest(aggregated)

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from exitserve.repository.format import RepositoryError
+from exitserve.repository.format import SERVING_FILE, RepositoryError, ServingConfig, load_serving_config
 from server.batcher import BatchOutcome, DynamicBatcher
 from server.engine import ModelEngine
 from server.errors import InvalidOptions, NotReady, Overloaded, ServingError, UnknownModel
@@ -24,6 +24,7 @@ from server.metrics import Metrics
 from server.policy import ExitResult
 from server.preprocess import LARGE_IMAGE_PIXELS, model_max_pixels, open_image, to_pixels
 from server.settings import DEFAULT_MODEL, Settings
+from server.workers import WorkerGroup
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,12 @@ def find_models(repository: Path) -> list[Path]:
 
 
 class InferenceService:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, workers: WorkerGroup | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.workers = workers  # the other processes on this port, when there are several
         self.engines: dict[str, ModelEngine] = {}
+        self.serving: dict[str, ServingConfig] = {}  # each model's serving.json
         self.batchers: dict[str, DynamicBatcher] = {}
         self.default_model: str | None = None
         self.ready = False
@@ -83,11 +86,20 @@ class InferenceService:
     def _load_engines(self) -> dict[str, ModelEngine]:
         engines = {}
         for folder in find_models(self.settings.model_repository):
+            serving = load_serving_config(folder)
+            default_budget = serving.default_budget or self.settings.default_budget
             engine = ModelEngine.load(
-                folder, default_budget=self.settings.default_budget, provider=self.settings.provider,
+                folder, default_budget=default_budget, provider=self.settings.provider,
                 io_binding=self.settings.io_binding, intra_op_threads=self.settings.intra_op_threads,
                 online_budget=self.settings.online_budget,
             )
+            if default_budget < engine.policy.min_budget - 1e-9:
+                source = f"{folder.name}/{SERVING_FILE}" if serving.default_budget else "EXITSERVE_DEFAULT_BUDGET"
+                raise RepositoryError(
+                    f"{folder.name}: the default budget {default_budget:g} (from {source}) is below the cost of its "
+                    f"first exit ({engine.policy.min_budget:.4f}): set default_budget in {folder.name}/{SERVING_FILE} "
+                    f"to at least that")
+            self.serving[engine.name] = serving
             log.info("loaded %s: %d stages on %s (IO binding %s)", engine.name, engine.num_exits,
                      engine.runtime.provider, "on" if engine.runtime.use_binding else "off")
             engines[engine.name] = engine
@@ -129,10 +141,12 @@ class InferenceService:
         wanted = self.settings.default_model
         self.default_model = wanted or (DEFAULT_MODEL if DEFAULT_MODEL in engines else sorted(engines)[0])
         for name, engine in engines.items():
+            serving = self.serving.get(name) or ServingConfig()
             batcher = DynamicBatcher(
-                engine, max_batch_size=self.settings.max_batch_size,
+                engine, max_batch_size=serving.max_batch_size or self.settings.max_batch_size,
                 max_queue_delay_ms=self.settings.max_queue_delay_ms,
-                max_queue_images=self.settings.max_queue_images, on_batch=self.metrics.observe_batch,
+                max_queue_images=serving.max_queue_images or self.settings.max_queue_images,
+                on_batch=self.metrics.observe_batch,
                 on_failure=lambda model: self.metrics.inference_failures.labels(model).inc(),
             )
             batcher.start()
@@ -140,11 +154,15 @@ class InferenceService:
             self.metrics.budget.labels(name).set(engine.policy.default_budget)
             self.metrics.effective_budget.labels(name).set(engine.policy.effective_budget)
         self.ready = True
+        if self.workers:
+            self.workers.mark_ready(True)
 
     async def stop(self, timeout_s: float | None = None) -> None:
         """Let queued work finish for up to ``timeout_s`` (the shutdown timeout), then stop
         the batchers, abandoning a stage still running."""
         self.draining = True
+        if self.workers:
+            self.workers.mark_ready(False)
         deadline = time.monotonic() + (self.settings.shutdown_timeout_s if timeout_s is None else timeout_s)
         for batcher in self.batchers.values():
             while batcher.pending_images > 0 and time.monotonic() < deadline:
@@ -165,7 +183,12 @@ class InferenceService:
         if stalled:
             return False, {"status": "stalled", "detail": "models with work and no finished batch for over "
                            f"{self.settings.watchdog_s:g} s", "models": sorted(stalled)}
-        return True, {"status": "ready", "models": sorted(self.engines)}
+        if self.workers and (count := self.workers.ready_count()) < self.workers.size:
+            return False, {"status": "loading", "detail": f"{count} of {self.workers.size} workers are ready"}
+        body: dict[str, object] = {"status": "ready", "models": sorted(self.engines)}
+        if self.workers:
+            body |= {"workers": self.workers.size, "worker": self.workers.index}
+        return True, body
 
     # ------------------------------------------------------------------ lookups
     def engine(self, name: str | None) -> ModelEngine:
@@ -197,6 +220,13 @@ class InferenceService:
             self.metrics.rejected.labels(engine.name).inc()
             raise
 
+    def max_pixels(self, engine: ModelEngine) -> int:
+        """The model's own pixel limit (its serving.json, else derived from its input size),
+        never over the server-wide ceiling."""
+        own = (self.serving.get(engine.name) or ServingConfig()).max_pixels
+        return min(own or model_max_pixels(engine.manifest.input.size, self.settings.max_pixels),
+                   self.settings.max_pixels)
+
     async def decode(self, data: bytes, engine: ModelEngine) -> tuple[np.ndarray, float]:
         """Header first (refuses bombs and images over the model's pixel limit), then the
         pixels: small images inline (cheaper than a thread hop), larger uploads off the
@@ -205,7 +235,7 @@ class InferenceService:
         its kinds) for anything that is not a usable image."""
         started = time.perf_counter()
         spec = engine.manifest.input
-        img = open_image(data, model_max_pixels(spec.size, self.settings.max_pixels))
+        img = open_image(data, self.max_pixels(engine))
         if img.width * img.height > LARGE_IMAGE_PIXELS:
             async with self._large_decodes:
                 self.large_decodes_running += 1

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from exitserve.repository.format import DEFAULT_BUDGET
+
 DEFAULT_REPOSITORY = Path("model_repository")
 DEFAULT_MODEL = "msdnet_fmnist"
 
@@ -20,10 +22,13 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
 
-    default_budget: float = Field(0.25, gt=0, le=1, description="mean cost per image, fraction of full depth")
+    default_budget: float = Field(DEFAULT_BUDGET, gt=0, le=1, description="mean cost per image, fraction of full depth")
     provider: Literal["auto", "cuda", "cpu"] = "auto"
     io_binding: Literal["auto", "on", "off"] = "auto"
     intra_op_threads: int | None = None
+
+    workers: int = Field(1, ge=1, description="processes serving one port, each with its own sessions; ONNX "
+                         "Runtime's threads are split among them")
 
     max_batch_size: int = Field(32, ge=1)
     max_queue_delay_ms: float = Field(0.0, ge=0, description="extra wait for a batch to fill; 0: batches form from what queued during the previous run")

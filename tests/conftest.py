@@ -64,13 +64,14 @@ def small_repository(small_checkpoint: Path, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture(scope="session")
-def served_repository(small_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def served_repository(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository folder with one calibrated model, ``msdnet_fmnist``: the committed
     default model when it is there, else the small one."""
     from exporter.calibrate import calibrate_repository
     from exporter.export import export_repository
 
-    checkpoint = DEFAULT_CHECKPOINT if DEFAULT_CHECKPOINT.is_file() else small_checkpoint
+    # the small model is trained only when the committed one is missing
+    checkpoint = DEFAULT_CHECKPOINT if DEFAULT_CHECKPOINT.is_file() else request.getfixturevalue("small_checkpoint")
     root = tmp_path_factory.mktemp("served")
     export_repository(checkpoint, root / "msdnet_fmnist", progress=False)
     calibrate_repository(root / "msdnet_fmnist", report=True, progress=False)

@@ -25,3 +25,60 @@ def test_defaults_come_from_the_repository_contract() -> None:
     sub = next(a for a in parser._actions if a.dest == "command")
     rule = next(a for a in sub.choices["calibrate"]._actions if a.dest == "rule")
     assert tuple(rule.choices) == RULES
+
+
+WITHOUT_TRAIN_EXTRA = ("import sys\n"
+                       "for name in ('torch', 'onnx', 'matplotlib'):\n"
+                       "    sys.modules[name] = None  # as on a serving-only install: importing them fails\n"
+                       "from exitserve.cli import main\n"
+                       "sys.exit(main(sys.argv[1:]))\n")
+
+
+def cli_without_torch(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WITHOUT_TRAIN_EXTRA, *args], capture_output=True, text=True,
+                          timeout=120, **kwargs)
+
+
+def test_without_the_train_extra_the_cli_says_what_to_install(tmp_path) -> None:
+    """(``calibrate`` needs no PyTorch: ONNX Runtime runs the stages; only its report's plot
+    needs matplotlib, and ``--no-report`` skips it.)"""
+    from models.registry import list_models
+
+    assert "serve" in cli_without_torch("--help").stdout
+    listed = cli_without_torch("models")
+    assert listed.returncode == 0 and listed.stdout.split() == list_models()
+    for command in (["train", "--epochs", "1", "--out", str(tmp_path / "x.pt")],
+                    ["export", "--out", str(tmp_path / "x")], ["evaluate"]):
+        done = cli_without_torch(*command)
+        assert done.returncode == 2, done.stderr
+        assert "needs the 'train' extra" in done.stderr and "pip install 'exitserve[train]'" in done.stderr
+
+
+def test_serving_without_torch_answers_a_real_request(served_repository) -> None:
+    import time
+
+    import httpx
+
+    from tests.server.images import encode, fashion_images
+    from tests.server.live import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", WITHOUT_TRAIN_EXTRA, "serve", "--model-repository",
+                               str(served_repository), "--port", str(port), "--log-level", "warning"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read() if server.poll() else ""
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        answer = httpx.post(f"http://127.0.0.1:{port}/classify", content=encode(fashion_images(1)[0][0]),
+                            headers={"content-type": "image/png"})
+        assert answer.status_code == 200 and 0 <= answer.json()["class_index"] < 10
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -9,6 +9,7 @@ silently send images to the wrong exits.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -144,6 +145,22 @@ class Calibration(BaseModel):
                                  f"but {ours:.6f} in the calibration: calibrate this export again")
 
 
+class ServingConfig(BaseModel):
+    """``serving.json`` beside the manifest (optional): this model's own serving settings,
+    overriding the server-wide ones (Triton's per-model config, in small)."""
+
+    model_config = {"extra": "forbid"}  # a misspelt key is an error, not a silently ignored setting
+
+    default_budget: float | None = Field(None, gt=0, le=1)
+    max_batch_size: int | None = Field(None, ge=1)
+    max_queue_images: int | None = Field(None, ge=1)
+    max_pixels: int | None = Field(None, ge=1)
+
+
+SERVING_FILE = "serving.json"
+DEFAULT_BUDGET = 0.25  # the server's default budget (EXITSERVE_DEFAULT_BUDGET), a fraction of full cost
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -186,3 +203,27 @@ def write_json(path: Path, model: BaseModel) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(model.model_dump_json(indent=2))
     tmp.replace(path)
+
+
+def load_serving_config(folder: Path) -> ServingConfig:
+    """The folder's ``serving.json``, or the empty config (server-wide settings) without one."""
+    path = folder / SERVING_FILE
+    if not path.exists():
+        return ServingConfig()
+    try:
+        return ServingConfig.model_validate(_read_json(path))
+    except ValidationError as exc:
+        raise RepositoryError(f"{path}: {exc}") from exc
+
+
+def write_budget_floor(folder: Path, manifest: Manifest) -> ServingConfig | None:
+    """A model whose first exit costs more than the server's default budget could not be
+    served by default (the server refuses a default budget it cannot honour): give it a
+    ``serving.json`` with the first exit's cost, rounded up, as its default budget. A
+    folder that already has one is left alone."""
+    first = manifest.stages[0].cost_fraction
+    if first <= DEFAULT_BUDGET or (folder / SERVING_FILE).exists():
+        return None
+    config = ServingConfig(default_budget=math.ceil(first * 1000) / 1000)
+    write_json(folder / SERVING_FILE, config)
+    return config

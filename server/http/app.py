@@ -13,17 +13,19 @@ from fastapi.middleware.cors import CORSMiddleware
 import exitserve
 from server.http.errors import install_error_handlers
 from server.http.schemas import ErrorResponse
-from server.http.middleware import BodyLimits, RequestMetrics
+from server.http.middleware import BodyLimits, RequestMetrics, WorkerHeader
 from server.http.security import ApiKeyAuth, RequestIdMiddleware
 from server.http.routes import classify, health, models
 from server.metrics import Metrics
 from server.service import InferenceService, StartupError
 from server.settings import Settings
+from server.workers import WorkerGroup
 
 log = logging.getLogger("exitserve")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, workers: WorkerGroup | None = None) -> FastAPI:
+    """The app for ``settings``; ``workers``: this process's place among several on one port."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -52,10 +54,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={"default": {"model": ErrorResponse, "description": "an error: `error` code, `detail`, "
                                                                        "`request_id`"}},
     )
-    metrics = Metrics()
+    metrics = Metrics(workers.metrics_dir if workers else None)
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.service = InferenceService(settings, metrics)
+    app.state.service = InferenceService(settings, metrics, workers)
     install_error_handlers(app, settings.retry_after_s)
     app.include_router(classify.router)
     app.include_router(models.router)
@@ -70,6 +72,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            allow_headers=["*"], expose_headers=["X-Request-ID"])
     app.add_middleware(RequestMetrics, metrics=metrics, service=app.state.service)
     app.add_middleware(RequestIdMiddleware)
+    if workers:
+        app.add_middleware(WorkerHeader, index=workers.index)
     return app
 
 

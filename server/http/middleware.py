@@ -153,3 +153,23 @@ class RequestMetrics:
         finally:
             self.metrics.request_latency.labels(scope["path"], self._model(scope)).observe(time.perf_counter() - started)
             self.metrics.requests.labels(scope["path"], str(status)).inc()
+
+
+class WorkerHeader:
+    """``X-Exitserve-Worker: N`` on every response, when several workers share the port."""
+
+    def __init__(self, app: ASGIApp, index: int) -> None:
+        self.app = app
+        self.header = (b"x-exitserve-worker", str(index).encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def tagged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, tagged)

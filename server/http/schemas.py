@@ -37,6 +37,8 @@ class Classification(BaseModel):
 
 class ClassifyResponse(Classification):
     budget: float | None
+    budget_applied: float | None = None  # the budget the thresholds came from: never below the first exit's cost
+    budget_note: str | None = None  # why budget_applied differs from budget
     policy: str  # "budget" | "thresholds"
     timings_ms: Timings
 

@@ -10,22 +10,34 @@
   before connections are refused). Then uvicorn shuts down, giving in-flight requests
   ``shutdown_timeout_s`` before it cancels them and the process exits. A second signal
   skips the grace period.
+* **Workers**: ``workers`` > 1 runs that many processes on one socket (``serve_workers``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
 import threading
+import time
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
+from prometheus_client.multiprocess import mark_process_dead
 
 from server.http.app import create_app
 from server.http.errors import error_body
 from server.http.security import configure_logging
 from server.service import InferenceService
 from server.settings import Settings
+from server.workers import WorkerGroup
 
 log = logging.getLogger("exitserve")
 STARTUP_FAILURE = 3  # uvicorn's exit code when the app's startup fails
@@ -103,15 +115,94 @@ class DrainingServer(uvicorn.Server):
         timer.start()
 
 
-def serve(settings: Settings, log_level: str = "info") -> int:
-    """Serve until stopped; the exit status (non-zero when the repository cannot be served)."""
-    configure_logging(log_level, settings.log_format)
-    app = create_app(settings)
-    config = uvicorn.Config(
+def _uvicorn_config(app, settings: Settings, log_level: str) -> uvicorn.Config:
+    return uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=log_level, log_config=None, access_log=False,
         http=header_timeout_protocol(settings.header_timeout_s),
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)),
     )
-    server = DrainingServer(config, app.state.service, settings.drain_grace_s)
+
+
+def serve(settings: Settings, log_level: str = "info") -> int:
+    """Serve until stopped; the exit status (non-zero when the repository cannot be served)."""
+    if settings.workers > 1:
+        return serve_workers(settings, log_level)
+    configure_logging(log_level, settings.log_format)
+    app = create_app(settings)
+    server = DrainingServer(_uvicorn_config(app, settings, log_level), app.state.service, settings.drain_grace_s)
     server.run()
     return 0 if server.started else STARTUP_FAILURE
+
+
+def run_worker(settings: Settings, log_level: str, sock: socket.socket, group: WorkerGroup) -> None:
+    """One worker process: its own app, sessions and batchers, on the shared socket."""
+    configure_logging(log_level, settings.log_format)
+    app = create_app(settings, workers=group)
+    server = DrainingServer(_uvicorn_config(app, settings, log_level), app.state.service, settings.drain_grace_s)
+    server.run(sockets=[sock])
+    sys.exit(0 if server.started else STARTUP_FAILURE)
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_workers(settings: Settings, log_level: str) -> int:
+    """``settings.workers`` processes on one port (the listening socket is shared, the kernel
+    spreads connections). Each gets ``cores / workers`` ONNX Runtime threads unless
+    ``intra_op_threads`` is set. SIGTERM and SIGINT go to every worker, which drain as a
+    single server does; a worker that dies on its own stops the group (exit 1), a start-up
+    failure exits 3."""
+    configure_logging(log_level, settings.log_format)
+    count = settings.workers
+    threads = settings.intra_op_threads or max(1, (os.cpu_count() or 1) // count)
+    folder = Path(tempfile.mkdtemp(prefix="exitserve-workers-"))
+    (folder / "metrics").mkdir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder / "metrics")  # read by prometheus-client in each worker
+    worker_settings = settings.model_copy(update={"intra_op_threads": threads})
+    sock = _listening_socket(settings.host, settings.port)
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=run_worker, name=f"exitserve-worker-{i}",
+                                 args=(worker_settings, log_level, sock, WorkerGroup(i, count, folder)))
+                 for i in range(count)]
+    for process in processes:
+        process.start()
+    log.info("%d workers on %s:%d, %d ONNX Runtime threads each", count, settings.host, settings.port, threads)
+    stopping: dict[str, float] = {}
+
+    def forward(sig: int, frame: FrameType | None) -> None:
+        stopping.setdefault("since", time.monotonic())
+        for process in processes:
+            if process.is_alive():
+                os.kill(process.pid, sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    limit = settings.drain_grace_s + settings.shutdown_timeout_s + 10
+    failed = False
+    try:
+        while any(p.is_alive() for p in processes):
+            if not stopping and any(not p.is_alive() for p in processes):
+                dead = [p.name for p in processes if not p.is_alive()]
+                log.error("%s exited on its own: stopping the other workers", ", ".join(dead))
+                failed = True
+                forward(signal.SIGTERM, None)
+            if stopping and time.monotonic() - stopping["since"] > limit:
+                for process in processes:
+                    if process.is_alive():
+                        process.kill()
+            time.sleep(0.1)
+    finally:
+        for process in processes:
+            process.join(5)
+            mark_process_dead(process.pid, str(folder / "metrics"))
+        sock.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    if any(p.exitcode == STARTUP_FAILURE for p in processes):
+        return STARTUP_FAILURE
+    return 1 if failed else 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -54,3 +55,62 @@ def test_one_server_serves_every_family(three_family_repository: Path) -> None:
         # the default model is still the default when others are served beside it
         plain = httpx.post(f"{url}/classify", files={"file": ("x.png", blobs[0], "image/png")}, timeout=30).json()
         assert plain["model"] == "msdnet_fmnist"
+
+
+def test_a_model_whose_first_exit_costs_more_than_the_default_gets_its_own_floor(
+        three_family_repository: Path) -> None:
+    """Calibration wrote serving.json for it; a budget below the floor says what was spent."""
+    from exitserve.repository.format import load_manifest, load_serving_config
+
+    folder = three_family_repository / "espnetv2_fmnist"
+    first = load_manifest(folder).stages[0].cost_fraction
+    assert first > 0.25
+    assert first <= load_serving_config(folder).default_budget < first + 0.001 + 1e-9
+    pixels, _ = fashion_images(1)
+    with live_server(Settings(model_repository=three_family_repository, online_budget=False)) as url:
+        body = httpx.post(f"{url}/classify", content=encode(pixels[0]), headers={"content-type": "image/png"},
+                          params={"model": "espnetv2_fmnist", "budget": 0.1}).json()
+        assert body["budget"] == 0.1 and body["budget_applied"] == pytest.approx(first)
+        assert "first exit" in body["budget_note"] and body["exit"]["cost_fraction"] >= round(first, 6) - 1e-6
+        listed = {m["name"]: m for m in httpx.get(f"{url}/v1/models").json()["models"]}
+        assert listed["espnetv2_fmnist"]["budget"] == load_serving_config(folder).default_budget
+        assert listed["msdnet_fmnist"]["budget"] == 0.25
+
+
+@pytest.mark.parametrize("serving, message", [
+    (None, "from EXITSERVE_DEFAULT_BUDGET"),
+    ({"default_budget": 0.1}, "from espnetv2_fmnist/serving.json"),
+    ({"default_budget": 0.3, "max_batch": 4}, "Extra inputs are not permitted"),
+])
+def test_a_default_budget_below_the_first_exit_refuses_the_start(three_family_repository: Path, tmp_path: Path,
+                                                                  serving, message: str) -> None:
+    from fastapi.testclient import TestClient
+
+    from server.http.app import create_app
+    from server.service import StartupError
+
+    shutil.copytree(three_family_repository / "espnetv2_fmnist", tmp_path / "repo" / "espnetv2_fmnist")
+    path = tmp_path / "repo" / "espnetv2_fmnist" / "serving.json"
+    path.unlink()
+    if serving is not None:
+        path.write_text(json.dumps(serving))
+    with pytest.raises(StartupError, match=message):
+        with TestClient(create_app(Settings(model_repository=tmp_path / "repo"))):
+            pass
+
+
+def test_per_model_batch_queue_and_pixel_limits(three_family_repository: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    shutil.copytree(three_family_repository / "msdnet_fmnist", tmp_path / "repo" / "msdnet_fmnist")
+    (tmp_path / "repo" / "msdnet_fmnist" / "serving.json").write_text(
+        json.dumps({"max_batch_size": 2, "max_queue_images": 3, "max_pixels": 1000}))
+    apps: list = []
+    with live_server(Settings(model_repository=tmp_path / "repo"), apps=apps) as url:
+        batcher = apps[0].state.service.batchers["msdnet_fmnist"]
+        assert (batcher.max_batch_size, batcher.max_queue_images) == (2, 3)
+        big = encode(np.zeros((40, 40, 1), np.uint8))  # 1,600 pixels
+        refused = httpx.post(f"{url}/classify", content=big, headers={"content-type": "image/png"})
+        assert refused.status_code == 413 and "limit of 1000 pixels" in refused.json()["detail"]
+        small = encode(fashion_images(1)[0][0])  # 784
+        assert httpx.post(f"{url}/classify", content=small, headers={"content-type": "image/png"}).status_code == 200

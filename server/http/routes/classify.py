@@ -225,8 +225,14 @@ async def classify(request: Request, service: Service, settings: AppSettings) ->
     outcome = await service.classify(engine, image, thresholds, options, arrived)
     result = describe(engine, outcome.result, options.top_k)
     total = (time.perf_counter() - arrived) * 1000
+    applied, note = budget, None
+    if budget is not None and budget < engine.policy.min_budget:
+        applied = engine.policy.min_budget
+        note = (f"below the cost of {engine.name}'s first exit ({applied:.4f}): no image can cost less, so that "
+                "is what was spent")
     response = ClassifyResponse(
-        **result.model_dump(), budget=budget, policy="thresholds" if options.thresholds else "budget",
+        **result.model_dump(), budget=budget, budget_applied=applied, budget_note=note,
+        policy="thresholds" if options.thresholds else "budget",
         timings_ms=Timings(queue=round(outcome.queue_ms, 3), decode=round(decode_ms, 3),
                            inference=round(outcome.inference_ms, 3), total=round(total, 3)),
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.http.routes.deps import Service
 
@@ -26,5 +25,5 @@ async def readyz(service: Service) -> JSONResponse:
 @router.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=PlainTextResponse,
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request) -> Response:
-    registry = request.app.state.metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    metrics = request.app.state.metrics
+    return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)

@@ -1,0 +1,231 @@
+"""Every query of the Grafana dashboard, and every alert expression, evaluated by a real
+Prometheus (Debian's package) scraping a real exitserve that served real traffic."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from server.settings import Settings
+from tests.server.images import encode, fashion_images
+from tests.server.live import free_port, live_server
+
+ROOT = Path(__file__).resolve().parents[2]
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+PROMETHEUS = shutil.which("prometheus")
+
+
+def _load_render_script():
+    spec = importlib.util.spec_from_file_location("render_dashboard", ROOT / "scripts" / "render_dashboard.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+render = _load_render_script()  # the dashboard parsing and Grafana substitution, shared with the PNG
+
+# Queries that have no data on this test's traffic, and why. Everything else must return
+# at least one finite sample.
+NO_DATA_HERE = {
+    'sum by (model) (rate(exitserve_inference_failures_total{model=~"$model", instance=~"$instance"}'
+    '[$__rate_interval]))': "no engine run fails here: the counter has no series until the first failure",
+}
+
+MODEL = "msdnet_fmnist"
+IMAGES = 16  # single-image requests per round
+ROUNDS = 2  # the first creates every series, the second moves them: rate() needs a scraped value before
+MAX_QUEUE = 8  # a /classify/batch of more images than this is refused with 503
+
+
+def dashboard_targets() -> list[tuple[str, str]]:
+    """(panel title, expr) of every query target of every panel."""
+    dashboard = render.load_dashboard()
+    return [(p["title"], t["expr"]) for p in render.iter_panels(dashboard) for t in p.get("targets", [])]
+
+
+# ------------------------------------------------------------------ fast: the JSON itself
+def test_dashboard_shape() -> None:
+    dashboard = render.load_dashboard()
+    queries = render.variable_queries(dashboard)
+    assert queries == {"model": "label_values(exitserve_images_total, model)",
+                       "instance": "label_values(exitserve_images_total, instance)"}
+    for var in dashboard["templating"]["list"]:
+        assert var["multi"] and var["includeAll"]
+    titles = [p["title"] for p in render.iter_panels(dashboard)]
+    assert len(titles) == len(set(titles)), "panel titles are how the PNG script finds panels"
+    for title in render.MAIN_PANELS:
+        render.panel_by_title(dashboard, title)
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+MODEL_LABELLED = ("exitserve_request_latency_seconds", "exitserve_images_total", "exitserve_exits_total",
+                  "exitserve_deadline_exits_total", "exitserve_cost_fraction_total", "exitserve_stage_latency_seconds",
+                  "exitserve_batch_size", "exitserve_queue_images", "exitserve_budget", "exitserve_effective_budget",
+                  "exitserve_rejected_total", "exitserve_inference_failures_total")
+
+
+def test_every_selector_filters_on_the_variables() -> None:
+    for title, expr in dashboard_targets():
+        selectors = re.findall(r"(exitserve_\w+)\{([^}]*)\}", expr)
+        assert selectors, f"{title}: no selector in {expr}"
+        bare = re.findall(r"(exitserve_\w+)(?![\w{])", expr)
+        assert not bare, f"{title}: unfiltered {bare} in {expr}"
+        for metric, matchers in selectors:
+            assert 'instance=~"$instance"' in matchers, f"{title}: {metric} not filtered on $instance"
+            if metric.startswith(MODEL_LABELLED):
+                assert 'model=~"$model"' in matchers, f"{title}: {metric} not filtered on $model"
+
+
+def test_substitution_like_grafana() -> None:
+    assert render.grafana_regex(["127.0.0.1:8000"]) == r"127\\.0\\.0\\.1:8000"
+    assert render.grafana_regex(["a", "b"]) == "(a|b)"
+    assert render.grafana_regex("$__all") == ".*"
+    out = render.substitute('rate(x{model=~"$model"}[$__rate_interval]) / $__range_s + ${model}',
+                            {"model": "m"}, rate_interval="30s", range_="5m")
+    assert out == 'rate(x{model=~"m"}[30s]) / 300 + m'
+    with pytest.raises(KeyError):
+        render.substitute("x{a=~\"$nope\"}", {})
+
+
+# ------------------------------------------------------------------ slow: a real Prometheus
+def _traffic(url: str) -> dict[str, int]:
+    """A few dozen single images at different budgets (a few with deadlines), a batch, a
+    refused batch (503) and bad requests (4xx). Returns the status counts."""
+    pixels, _ = fashion_images(IMAGES)
+    blobs = [encode(p) for p in pixels]
+    statuses: dict[str, int] = {}
+    with httpx.Client(base_url=url, timeout=60) as client:
+        def note(response: httpx.Response) -> None:
+            statuses[str(response.status_code)] = statuses.get(str(response.status_code), 0) + 1
+
+        for i, blob in enumerate(blobs):
+            params = {"budget": (0.2, 0.35, 0.6, 1.0)[i % 4]}
+            if i % 8 == 7:
+                params = {"deadline_ms": 1}
+            note(client.post("/classify", content=blob, headers={"content-type": "image/png"}, params=params))
+        files = [("files", (f"{i}.png", b, "image/png")) for i, b in enumerate(blobs[:4])]
+        note(client.post("/classify/batch", files=files, data={"budget": "0.5"}))
+        files = [("files", (f"{i}.png", b, "image/png")) for i, b in enumerate(blobs[:MAX_QUEUE + 4])]
+        note(client.post("/classify/batch", files=files))
+        note(client.post("/classify", content=b"not an image", headers={"content-type": "image/png"}))
+        note(client.post("/classify", content=blobs[0], headers={"content-type": "text/plain"}))
+        note(client.post("/classify", content=blobs[0], headers={"content-type": "image/png"},
+                         params={"budget": 7}))
+    return statuses
+
+
+def _query(api: str, expr: str) -> dict:
+    return httpx.get(f"{api}/api/v1/query", params={"query": expr}, timeout=10).json()
+
+
+def _finite(result: list[dict]) -> bool:
+    return any(math.isfinite(float(s["value"][1])) for s in result)
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="Debian's prometheus is not installed (scripts/install.sh installs it)")
+def test_every_dashboard_query_has_data(served_repository: Path, tmp_path: Path) -> None:
+    dashboard = render.load_dashboard()
+    settings = Settings(model_repository=served_repository, max_queue_images=MAX_QUEUE)
+    with live_server(settings) as url:
+        target = url.removeprefix("http://")
+        config = tmp_path / "prometheus.yml"
+        # the alert rules are loaded too: Prometheus must evaluate them without error
+        config.write_text(render.prometheus_config(target) + f"rule_files:\n  - '{ALERTS}'\n")
+        port = free_port()
+        api = f"http://127.0.0.1:{port}"
+        prom = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            render.wait_for(f"{api}/-/ready", 60, "prometheus", prom)
+            render.wait_for_scrape(api)
+            # two rounds a few scrapes apart: a series born in a scrape with its final value has
+            # no increase to rate(), and a fast machine sends one round between two scrapes
+            for round_ in range(ROUNDS):
+                if round_:
+                    time.sleep(3)
+                statuses = _traffic(url)
+                assert statuses.get("200") == IMAGES + 1 and statuses.get("503") == 1, statuses
+                assert sum(n for s, n in statuses.items() if s.startswith("4")) == 3, statuses
+
+            # wait until Prometheus has scraped all of it
+            images = ROUNDS * (IMAGES + 4)
+            deadline = time.monotonic() + 60
+            while True:
+                result = _query(api, f'sum(exitserve_images_total{{job="exitserve", instance="{target}"}})')
+                if result["data"]["result"] and float(result["data"]["result"][0]["value"][1]) == images:
+                    break
+                assert time.monotonic() < deadline, f"images never reached {images}: {result}"
+                time.sleep(0.5)
+            time.sleep(2)  # a couple more scrapes, so every rate() has two samples after the traffic
+
+            # the variables, through the label values API as Grafana's label_values() does
+            values = {name: render.label_values(api, query)
+                      for name, query in render.variable_queries(dashboard).items()}
+            assert values == {"model": [MODEL], "instance": [target]}
+
+            selections = {
+                "chosen": {name: render.grafana_regex(v) for name, v in values.items()},
+                "All": {name: render.grafana_regex("$__all") for name in values},
+            }
+            checked, no_data = [], []
+            for selection, variables in selections.items():
+                for title, expr in dashboard_targets():
+                    query = render.substitute(expr, variables, rate_interval="1m", interval="15s", range_="5m")
+                    assert "$" not in query, query
+                    body = _query(api, query)
+                    assert body.get("status") == "success", f"{title}: {query}: {body}"
+                    result = body["data"]["result"]
+                    if expr in NO_DATA_HERE:
+                        no_data.append(expr)
+                        continue
+                    assert result and _finite(result), f"{title} ({selection}): no data for {query}: {result}"
+                    checked.append(query)
+            assert len(checked) == 2 * (len(dashboard_targets()) - len(NO_DATA_HERE))
+            assert set(no_data) == set(NO_DATA_HERE), "an exemption names a query the dashboard no longer has"
+
+            # a value or two that the traffic pins down
+            budget = _query(api, render.substitute(
+                [e for t, e in dashboard_targets() if t == "Mean cost per image vs budget"][1], selections["All"]))
+            assert float(budget["data"]["result"][0]["value"][1]) == pytest.approx(settings.default_budget)
+            shares = _query(api, render.substitute(
+                [e for t, e in dashboard_targets() if t.startswith("Exit share")][0], selections["chosen"],
+                range_="5m"))
+            assert sum(float(s["value"][1]) for s in shares["data"]["result"]) == pytest.approx(1.0)
+
+            # every alert expression parses, and the healthy server is not "not ready"
+            rules = yaml.safe_load(ALERTS.read_text())
+            for group in rules["groups"]:
+                for rule in group["rules"]:
+                    body = _query(api, rule["expr"])
+                    assert body.get("status") == "success", f"{rule['alert']}: {body}"
+                    if rule["alert"] == "ExitserveNotReady":
+                        assert body["data"]["result"] == [], body
+            deadline = time.monotonic() + 30
+            while True:  # Prometheus loaded the rule file and evaluates every rule without error
+                groups = httpx.get(f"{api}/api/v1/rules", timeout=10).json()["data"]["groups"]
+                loaded = [r for g in groups for r in g["rules"]]
+                if loaded and all(r.get("health") == "ok" for r in loaded):
+                    break
+                assert time.monotonic() < deadline, loaded
+                time.sleep(0.5)
+            assert {r["name"] for r in loaded} == {r["alert"] for g in rules["groups"] for r in g["rules"]}
+        finally:
+            prom.terminate()
+            try:
+                prom.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                prom.kill()
+                prom.wait(timeout=10)
