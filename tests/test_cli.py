@@ -55,27 +55,17 @@ def test_without_the_train_extra_the_cli_says_what_to_install(tmp_path) -> None:
 
 
 def test_serving_without_torch_answers_a_real_request(served_repository) -> None:
-    import time
-
     import httpx
 
     from tests.server.images import encode, fashion_images
-    from tests.server.live import free_port
+    from tests.server.live import free_port, wait_until_ready
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-c", WITHOUT_TRAIN_EXTRA, "serve", "--model-repository",
                                str(served_repository), "--port", str(port), "--log-level", "warning"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read() if server.poll() else ""
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        wait_until_ready(f"http://127.0.0.1:{port}", server)
         answer = httpx.post(f"http://127.0.0.1:{port}/classify", content=encode(fashion_images(1)[0][0]),
                             headers={"content-type": "image/png"})
         assert answer.status_code == 200 and 0 <= answer.json()["class_index"] < 10

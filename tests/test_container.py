@@ -169,7 +169,7 @@ def test_runtime_stage_install_serves_the_build_stage_repository(served_reposito
     import httpx
 
     from tests.server.images import encode, fashion_images
-    from tests.server.live import free_port
+    from tests.server.live import free_port, wait_until_ready
 
     # The Docker build context: the checkout as .dockerignore filters it, so a file the
     # install needs but .dockerignore leaves out fails here too, and the shared checkout
@@ -210,17 +210,7 @@ def test_runtime_stage_install_serves_the_build_stage_repository(served_reposito
                                "--host", "127.0.0.1", "--port", str(port)],
                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"the server exited with {server.returncode}:\n{server.stdout.read()[-4000:]}")
-            assert time.monotonic() < deadline, "the server was not ready within 120 s"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_until_ready(url, server)
         pixels, labels = fashion_images(1)
         answer = httpx.post(f"{url}/classify", files={"file": ("item.png", encode(pixels[0]), "image/png")},
                             timeout=30)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -50,3 +51,20 @@ def live_server(settings: Settings, wait_ready: bool = True, timeout: float = 12
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Poll ``url``/readyz until 200; fail with the server's output if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            output = process.stdout.read() if process.stdout else ""
+            raise RuntimeError(f"the server exited with {process.returncode}:\n{str(output)[-4000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server was not ready within {timeout:g} s")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.settings import Settings
 from tests.server.images import encode, fashion_images
-from tests.server.live import free_port, live_server
+from tests.server.live import free_port, live_server, wait_until_ready
 
 MODEL = "msdnet_fmnist"
 
@@ -77,17 +77,7 @@ class ServerProcess:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment, text=True)
 
     def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("server never became ready")
+        wait_until_ready(self.url, self.proc, timeout)
 
     def wait_exit(self, timeout: float) -> tuple[int, str]:
         try:
