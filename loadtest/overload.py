@@ -274,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, default=20, help="seconds of measured load per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured wrk load first (0: none)")
     parser.add_argument("--queue", type=int, default=8, help="EXITSERVE_MAX_QUEUE_IMAGES of the small-queue run")
-    parser.add_argument("--compare", choices=["queue", "workers"], default="queue",
-                        help="queue: a small queue against the default one; workers: 1 worker against --workers")
+    parser.add_argument("--compare", choices=["queue", "workers", "threads"], default="queue",
+                        help="queue: a small queue against the default one; workers: 1 worker against --workers; "
+                             "threads: ONNX Runtime's own thread count against 1 intra-op thread")
     parser.add_argument("--workers", type=int, default=2, help="EXITSERVE_WORKERS of the second run (--compare workers)")
     parser.add_argument("--port", type=int, default=8790)
     parser.add_argument("--images", type=int, default=256, help="Fashion-MNIST test images to cycle")
@@ -296,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
         configurations = [
             (f"max_queue_images={args.queue}", {**base_env, "EXITSERVE_MAX_QUEUE_IMAGES": str(args.queue)}),
             (f"default queue ({default_queue})", {**base_env, "EXITSERVE_MAX_QUEUE_IMAGES": None}),
+        ]
+    elif args.compare == "threads":
+        configurations = [
+            ("intra-op threads: all cores", {**base_env, "EXITSERVE_INTRA_OP_THREADS": str(os.cpu_count() or 1)}),
+            ("intra-op threads: 1", {**base_env, "EXITSERVE_INTRA_OP_THREADS": "1"}),
         ]
     else:
         configurations = [

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from fastapi import FastAPI, File, UploadFile
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
 
@@ -28,15 +29,30 @@ def create_plain_app(folder: Path) -> FastAPI:
     mode = "L" if spec["channels"] == 1 else "RGB"
     app = FastAPI(title="plain full-depth server")
 
-    @app.post("/classify")
-    def classify(file: UploadFile = File(...)) -> dict:
-        img = Image.open(io.BytesIO(file.file.read())).convert(mode).resize((spec["size"], spec["size"]))
+    def answer(data: bytes) -> dict:
+        img = Image.open(io.BytesIO(data)).convert(mode).resize((spec["size"], spec["size"]))
         pixels = np.asarray(img, np.float32)
         pixels = pixels[None, :, :, None] if pixels.ndim == 2 else pixels[None]
         batch = (pixels.transpose(0, 3, 1, 2) / 255.0 - mean) / std
         probs = session.run(["probs"], {"image": batch.astype(np.float32)})[0][0]
         best = int(probs.argmax())
         return {"label": labels[best], "class_index": best, "confidence": float(probs[best])}
+
+    @app.post("/classify")
+    async def classify(request: Request) -> dict:
+        """Multipart field ``file``, or the image as the raw body (what ``wrk`` sends)."""
+        if request.headers.get("content-type", "").startswith("multipart/"):
+            upload = (await request.form())["file"]
+            data = await upload.read()
+        else:
+            data = await request.body()
+        return await run_in_threadpool(answer, data)
+
+    @app.post("/noop")
+    async def noop(request: Request) -> dict:
+        """The framework's floor: read the body, answer a constant."""
+        await request.body()
+        return {"label": "noop", "class_index": 0, "confidence": 1.0}
 
     @app.get("/readyz")
     def ready() -> dict:

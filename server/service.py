@@ -7,6 +7,7 @@ speaks in domain errors (``server.errors``): the HTTP layer turns them into resp
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Awaitable
@@ -23,7 +24,7 @@ from server.errors import InvalidOptions, NotReady, Overloaded, ServingError, Un
 from server.metrics import Metrics
 from server.policy import ExitResult
 from server.preprocess import LARGE_IMAGE_PIXELS, model_max_pixels, open_image, to_pixels
-from server.settings import DEFAULT_MODEL, Settings
+from server.settings import DEFAULT_MODEL, Settings, default_intra_op_threads
 from server.workers import WorkerGroup
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,8 @@ class InferenceService:
             default_budget = serving.default_budget or self.settings.default_budget
             engine = ModelEngine.load(
                 folder, default_budget=default_budget, provider=self.settings.provider,
-                io_binding=self.settings.io_binding, intra_op_threads=self.settings.intra_op_threads,
+                io_binding=self.settings.io_binding,
+                intra_op_threads=self.settings.intra_op_threads or default_intra_op_threads(self.settings.workers),
                 online_budget=self.settings.online_budget,
             )
             if default_budget < engine.policy.min_budget - 1e-9:
@@ -128,6 +130,10 @@ class InferenceService:
             self.load_error = self._relative(f"warm-up failed: {type(exc).__name__}: {exc}")
             log.error("%s", self.load_error, exc_info=exc)
             return
+        # what is alive now (sessions, manifests, modules) lives as long as the process: keep it
+        # out of the collector's full scans, which otherwise pause a request now and then
+        gc.collect()
+        gc.freeze()
         self.attach(engines)
 
     async def start(self) -> None:

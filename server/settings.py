@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,7 +26,8 @@ class Settings(BaseSettings):
     default_budget: float = Field(DEFAULT_BUDGET, gt=0, le=1, description="mean cost per image, fraction of full depth")
     provider: Literal["auto", "cuda", "cpu"] = "auto"
     io_binding: Literal["auto", "on", "off"] = "auto"
-    intra_op_threads: int | None = None
+    intra_op_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads per session; "
+                                         "default: default_intra_op_threads(workers)")
 
     workers: int = Field(1, ge=1, description="processes serving one port, each with its own sessions; ONNX "
                          "Runtime's threads are split among them")
@@ -68,3 +70,13 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+
+def default_intra_op_threads(workers: int, cores: int | None = None) -> int:
+    """ONNX Runtime threads per worker when not set: the cores each worker gets, minus one
+    for its event loop (HTTP parsing, decoding, the batcher), at least one. On 2 cores with
+    one worker that is 1 thread: measured with wrk, it serves 2.6x the requests at
+    concurrency 1 and 2.2x at 32 of a pool spanning both cores, whose threads fight the
+    event loop for them (BENCHMARKS.md, "ONNX Runtime threads")."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores // workers - 1)

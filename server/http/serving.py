@@ -36,7 +36,7 @@ from server.http.app import create_app
 from server.http.errors import error_body
 from server.http.security import configure_logging
 from server.service import InferenceService
-from server.settings import Settings
+from server.settings import Settings, default_intra_op_threads
 from server.workers import WorkerGroup
 
 log = logging.getLogger("exitserve")
@@ -154,13 +154,13 @@ def _listening_socket(host: str, port: int) -> socket.socket:
 
 def serve_workers(settings: Settings, log_level: str) -> int:
     """``settings.workers`` processes on one port (the listening socket is shared, the kernel
-    spreads connections). Each gets ``cores / workers`` ONNX Runtime threads unless
+    spreads connections). Each gets ``default_intra_op_threads(workers)`` ONNX Runtime threads unless
     ``intra_op_threads`` is set. SIGTERM and SIGINT go to every worker, which drain as a
     single server does; a worker that dies on its own stops the group (exit 1), a start-up
     failure exits 3."""
     configure_logging(log_level, settings.log_format)
     count = settings.workers
-    threads = settings.intra_op_threads or max(1, (os.cpu_count() or 1) // count)
+    threads = settings.intra_op_threads or default_intra_op_threads(count)
     folder = Path(tempfile.mkdtemp(prefix="exitserve-workers-"))
     (folder / "metrics").mkdir()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder / "metrics")  # read by prometheus-client in each worker
