@@ -78,26 +78,36 @@ def start_server(repository: Path, port: int, env: dict[str, str | None], log: P
     with open(log, "wb") as handle:
         proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
     server = Server(proc, url, log)
+    try:
+        wait_until_ready(server, f"{url}/readyz", label, timeout)
+    except BaseException:
+        stop_server(server)
+        raise
+    return server
+
+
+def wait_until_ready(server: Server, ready_url: str, label: str, timeout: float) -> None:
+    """Poll ``ready_url`` until 200, printing progress; raise with the log's tail if the
+    server exits or the timeout passes."""
     started = time.monotonic()
     try:
         while True:
             waited = time.monotonic() - started
-            print(f"\r{label}: waiting for {url}/readyz ... {waited:4.0f} s", end="", file=sys.stderr, flush=True)
+            print(f"\r{label}: waiting for {ready_url} ... {waited:4.0f} s", end="", file=sys.stderr, flush=True)
             try:
-                with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+                with urllib.request.urlopen(ready_url, timeout=2) as response:
                     if response.status == 200:
-                        print(f"\r{label}: ready after {waited:.1f} s (pid {proc.pid}){' ' * 10}", file=sys.stderr)
-                        return server
+                        print(f"\r{label}: ready after {waited:.1f} s (pid {server.pid}){' ' * 10}", file=sys.stderr)
+                        return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
-            if proc.poll() is not None:
-                raise RuntimeError(f"exitserve exited with {proc.returncode}:\n{server.log_tail()}")
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"{label} exited with {server.proc.returncode}:\n{server.log_tail()}")
             if waited > timeout:
-                raise RuntimeError(f"exitserve was not ready in {timeout:.0f} s:\n{server.log_tail()}")
+                raise RuntimeError(f"{label} was not ready in {timeout:.0f} s:\n{server.log_tail()}")
             time.sleep(0.5)
     except BaseException:
         print(file=sys.stderr)
-        stop_server(server)
         raise
 
 

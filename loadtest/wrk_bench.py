@@ -38,8 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
@@ -53,6 +51,7 @@ from loadtest.overload import (
     run_wrk,
     start_server,
     stop_server,
+    wait_until_ready,
     wrk_version,
     write_images,
 )
@@ -98,28 +97,12 @@ def start_command(cmd: list[str], base_url: str, ready_path: str, log: Path, lab
     with open(log, "wb") as handle:
         proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     server = Server(proc, base_url, log)
-    started = time.monotonic()
     try:
-        while True:
-            waited = time.monotonic() - started
-            print(f"\r{label}: waiting for {base_url}{ready_path} ... {waited:4.0f} s", end="", file=sys.stderr,
-                  flush=True)
-            try:
-                with urllib.request.urlopen(f"{base_url}{ready_path}", timeout=2) as response:
-                    if response.status == 200:
-                        print(f"\r{label}: ready after {waited:.1f} s (pid {proc.pid}){' ' * 10}", file=sys.stderr)
-                        return server
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            if proc.poll() is not None:
-                raise RuntimeError(f"{label} exited with {proc.returncode}:\n{server.log_tail()}")
-            if waited > timeout:
-                raise RuntimeError(f"{label} was not ready in {timeout:.0f} s:\n{server.log_tail()}")
-            time.sleep(0.5)
+        wait_until_ready(server, f"{base_url}{ready_path}", label, timeout)
     except BaseException:
-        print(file=sys.stderr)
         stop_all(server)
         raise
+    return server
 
 
 def stop_all(server: Server, grace: float = 10.0) -> int | None:
