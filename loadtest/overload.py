@@ -27,6 +27,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode
@@ -64,6 +65,15 @@ def start_server(repository: Path, port: int, env: dict[str, str | None], log: P
     """Start ``exitserve serve`` on 127.0.0.1:``port`` and wait until /readyz answers 200.
 
     ``env`` is merged into the environment; a value of None removes that variable."""
+    cmd = [sys.executable, "-m", "exitserve.cli", "serve", "--model-repository", str(repository),
+           "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    return launch(cmd, f"http://127.0.0.1:{port}", "/readyz", env, log, label, timeout)
+
+
+def launch(cmd: list[str], base_url: str, ready_path: str, env: dict[str, str | None], log: Path, label: str,
+           timeout: float, stop: Callable[[Server], int | None] | None = None) -> Server:
+    """Run ``cmd`` from the repository root (its output to ``log``) and wait until
+    ``base_url + ready_path`` answers 200; on failure ``stop`` it (default ``stop_server``)."""
     full_env = dict(os.environ)
     for key, value in env.items():
         if value is None:
@@ -71,17 +81,14 @@ def start_server(repository: Path, port: int, env: dict[str, str | None], log: P
         else:
             full_env[key] = value
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "exitserve.cli", "serve", "--model-repository", str(repository),
-           "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    url = f"http://127.0.0.1:{port}"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as handle:
         proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
-    server = Server(proc, url, log)
+    server = Server(proc, base_url, log)
     try:
-        wait_until_ready(server, f"{url}/readyz", label, timeout)
+        wait_until_ready(server, f"{base_url}{ready_path}", label, timeout)
     except BaseException:
-        stop_server(server)
+        (stop or stop_server)(server)
         raise
     return server
 

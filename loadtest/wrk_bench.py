@@ -34,7 +34,6 @@ import importlib.util
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,16 +41,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
 
+from exitserve.repository.format import DEFAULT_BUDGET
 from loadtest.overload import (
-    ROOT,
     Server,
     _descendants,
+    launch,
     process_cpu_seconds,
     require_wrk,
     run_wrk,
     start_server,
     stop_server,
-    wait_until_ready,
     wrk_version,
     write_images,
 )
@@ -79,30 +78,13 @@ def near_full_budget(folder: Path, tolerance: float = NEAR_FULL_TOLERANCE) -> tu
     raise AssertionError("unreachable: the budget-1.0 point itself qualifies")
 
 
-def default_budget() -> float:
-    from server.settings import Settings
-
-    return Settings.model_fields["default_budget"].default
-
-
 # --------------------------------------------------------------------------- baseline servers
 
 
 def start_command(cmd: list[str], base_url: str, ready_path: str, log: Path, label: str,
                   timeout: float = 120.0) -> Server:
     """Start ``cmd`` (a baseline server) and wait until ``base_url + ready_path`` answers 200."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "wb") as handle:
-        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    server = Server(proc, base_url, log)
-    try:
-        wait_until_ready(server, f"{base_url}{ready_path}", label, timeout)
-    except BaseException:
-        stop_all(server)
-        raise
-    return server
+    return launch(cmd, base_url, ready_path, {}, log, label, timeout, stop=stop_all)
 
 
 def stop_all(server: Server, grace: float = 10.0) -> int | None:
@@ -151,7 +133,7 @@ class Target:
     extra: dict = field(default_factory=dict)
 
 
-def launch(target: Target, args: argparse.Namespace, port: int, log: Path) -> Server:
+def start_target(target: Target, args: argparse.Namespace, port: int, log: Path) -> Server:
     folder = args.repository / args.model
     if target.kind == "exitserve":
         env = {"EXITSERVE_DEFAULT_MODEL": args.model}
@@ -197,7 +179,7 @@ def summarise(target: Target, concurrency: int, record: dict, output: str, clien
 
 def measure_target(target: Target, args: argparse.Namespace, wrk: str, images: Path, port: int,
                    log: Path) -> list[dict]:
-    server = launch(target, args, port, log)
+    server = start_target(target, args, port, log)
     rows = []
     try:
         url = f"{server.url}{target.route}"
@@ -307,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (folder / "manifest.json").is_file():
         parser.error(f"{folder} is not a model folder (no manifest.json)")
     near_budget, near_acc, full_acc = near_full_budget(folder)
-    base_budget = default_budget()
+    base_budget = DEFAULT_BUDGET
     model_q = {"model": args.model}
     notes = [f"near-full budget {near_budget:.4f}: smallest calibrated budget with test accuracy {near_acc:.4f} "
              f"within {NEAR_FULL_TOLERANCE} of budget 1.0's {full_acc:.4f} ({folder}/calibration_report.json)",
