@@ -31,7 +31,7 @@ from server.request_context import current_request_id
 log = logging.getLogger(__name__)
 
 BatchObserver = Callable[[str, int, dict[int, float]], None]  # model, images, per-stage ms
-FailureObserver = Callable[[str], None]  # model
+ModelObserver = Callable[[str], None]  # model
 
 
 @dataclass
@@ -61,7 +61,8 @@ class DynamicBatcher:
         max_queue_delay_ms: float,
         max_queue_images: int,
         on_batch: BatchObserver | None = None,
-        on_failure: FailureObserver | None = None,
+        on_failure: ModelObserver | None = None,
+        on_reject: ModelObserver | None = None,
     ) -> None:
         self.engine = engine
         self.max_batch_size = max_batch_size
@@ -69,6 +70,7 @@ class DynamicBatcher:
         self.max_queue_images = max_queue_images
         self.on_batch = on_batch
         self.on_failure = on_failure
+        self.on_reject = on_reject
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{engine.name}")
         self.queue: asyncio.Queue[Pending] = asyncio.Queue()
         self.waiting_images = 0  # admitted, not yet running (single images and whole jobs)
@@ -100,6 +102,8 @@ class DynamicBatcher:
     def check_admission(self, images: int) -> None:
         """Refuse at once when ``images`` more would not fit among the waiting ones."""
         if self.waiting_images + images > self.max_queue_images:
+            if self.on_reject:
+                self.on_reject(self.engine.name)
             raise Overloaded(f"{self.waiting_images} images are waiting for {self.engine.name} "
                              f"(at most {self.max_queue_images})")
 

@@ -20,7 +20,7 @@ import numpy as np
 from exitserve.repository.format import SERVING_FILE, RepositoryError, ServingConfig, load_serving_config
 from server.batcher import BatchOutcome, DynamicBatcher
 from server.engine import ModelEngine
-from server.errors import InvalidOptions, NotReady, Overloaded, ServingError, UnknownModel
+from server.errors import InvalidOptions, NotReady, ServingError, UnknownModel
 from server.metrics import Metrics
 from server.policy import ExitResult
 from server.preprocess import LARGE_IMAGE_PIXELS, model_max_pixels, open_image, to_pixels
@@ -154,6 +154,7 @@ class InferenceService:
                 max_queue_images=serving.max_queue_images or self.settings.max_queue_images,
                 on_batch=self.metrics.observe_batch,
                 on_failure=lambda model: self.metrics.inference_failures.labels(model).inc(),
+                on_reject=lambda model: self.metrics.rejected.labels(model).inc(),
             )
             batcher.start()
             self.batchers[name] = batcher
@@ -184,8 +185,7 @@ class InferenceService:
             return False, {"status": "draining"}
         if not self.ready:
             return False, {"status": "error" if self.load_error else "loading", "detail": self.load_error}
-        stalled = {name: round(b.stalled_for(), 1) for name, b in self.batchers.items()
-                   if b.stalled_for() > self.settings.watchdog_s}
+        stalled = [name for name, b in self.batchers.items() if b.stalled_for() > self.settings.watchdog_s]
         if stalled:
             return False, {"status": "stalled", "detail": "models with work and no finished batch for over "
                            f"{self.settings.watchdog_s:g} s", "models": sorted(stalled)}
@@ -219,12 +219,8 @@ class InferenceService:
     # ------------------------------------------------------------------ work
     def check_admission(self, engine: ModelEngine, images: int) -> None:
         """``Overloaded`` now, before the request's body is read, when its model's queue
-        cannot take ``images`` more."""
-        try:
-            self.batchers[engine.name].check_admission(images)
-        except Overloaded:
-            self.metrics.rejected.labels(engine.name).inc()
-            raise
+        cannot take ``images`` more (the batcher counts the refusal)."""
+        self.batchers[engine.name].check_admission(images)
 
     def max_pixels(self, engine: ModelEngine) -> int:
         """The model's own pixel limit (its serving.json, else derived from its input size),
@@ -273,12 +269,9 @@ class InferenceService:
         return results
 
     async def _queued(self, engine: ModelEngine, work: Awaitable[T]) -> T:
-        """Await work on the model's queue, counting refusals and keeping the depth gauge."""
+        """Await work on the model's queue, keeping the depth gauge."""
         try:
             return await work
-        except Overloaded:
-            self.metrics.rejected.labels(engine.name).inc()
-            raise
         finally:
             self.metrics.queue_depth.labels(engine.name).set(self.batchers[engine.name].pending_images)
 

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import Scope, Send
 
 from server.errors import (
     BadImage,
@@ -62,6 +63,30 @@ def error_body(code: str, detail: str) -> bytes:
     """The JSON body of every error response (pure ASGI middleware sends it as bytes),
     with the request id to quote when asking what went wrong."""
     return json.dumps({"error": code, "detail": detail, "request_id": current_request_id()}).encode()
+
+
+def request_has_body(scope: Scope) -> bool:
+    """Whether the request announces a body (Content-Length above 0 or unparsable, or any
+    Transfer-Encoding): a refusal that leaves it unread must close the connection."""
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value) > 0
+            except ValueError:
+                return True  # unparsable: assume a body rather than read it
+        if name == b"transfer-encoding":
+            return True
+    return False
+
+
+async def send_error(send: Send, status: int, code: str, detail: str,
+                     headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """An error response from pure ASGI middleware (before or instead of the app)."""
+    body = error_body(code, detail)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> Response:

@@ -9,7 +9,7 @@ from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.http.errors import error_body
+from server.http.errors import request_has_body, send_error
 from server.metrics import Metrics
 from server.service import InferenceService
 
@@ -25,15 +25,6 @@ def record_model(scope: Scope, name: str) -> None:
 class _BodyRefused(Exception):
     def __init__(self, status: int, code: str, detail: str) -> None:
         self.status, self.code, self.detail = status, code, detail
-
-
-def _has_body(scope: Scope) -> bool:
-    for name, value in scope.get("headers", []):
-        if name == b"content-length":
-            return value.strip() not in (b"0", b"")
-        if name == b"transfer-encoding":
-            return True
-    return False
 
 
 class BodyLimits:
@@ -55,11 +46,7 @@ class BodyLimits:
 
     @staticmethod
     async def _refuse(send: Send, status: int, code: str, detail: str) -> None:
-        body = error_body(code, detail)
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, status, code, detail, [(b"connection", b"close")])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,7 +62,7 @@ class BodyLimits:
                     await self._refuse(send, 413, "payload_too_large",
                                        f"request body is over the limit of {self.max_bytes} bytes")
                     return
-        has_body = _has_body(scope)
+        has_body = request_has_body(scope)
         received = 0
         body_done = not has_body
         deadline: float | None = None

@@ -16,7 +16,7 @@ from typing import TextIO
 from pythonjsonlogger.json import JsonFormatter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.http.errors import error_body
+from server.http.errors import request_has_body, send_error
 from server.request_context import request_id_var  # the one variable: the batcher reads it too
 
 __all__ = ["ApiKeyAuth", "RequestIdLogFilter", "RequestIdMiddleware", "configure_logging", "request_id",
@@ -156,27 +156,11 @@ class ApiKeyAuth:
                 ok |= hmac.compare_digest(presented, key)
         return ok
 
-    @staticmethod
-    def _has_body(scope: Scope) -> bool:
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    if int(value) > 0:
-                        return True
-                except ValueError:
-                    return True  # unparsable: assume a body rather than read it
-            elif name == b"transfer-encoding" and b"chunked" in value.lower():
-                return True
-        return False
-
     async def _refuse(self, scope: Scope, send: Send) -> None:
-        body = error_body("unauthorized", self.UNAUTHORIZED_DETAIL)
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"www-authenticate", b"Bearer")]
-        if self._has_body(scope):
+        headers = [(b"www-authenticate", b"Bearer")]
+        if request_has_body(scope):
             headers.append((b"connection", b"close"))
-        await send({"type": "http.response.start", "status": 401, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 401, "unauthorized", self.UNAUTHORIZED_DETAIL, headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.enabled or self._is_open(scope) or self._authorized(scope):

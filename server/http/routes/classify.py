@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
@@ -153,11 +154,9 @@ async def read_form(request: Request, max_files: int) -> FormData:
 
 
 def _boundary(request: Request) -> bytes | None:
-    for param in request.headers.get("content-type", "").split(";")[1:]:
-        key, _, value = param.strip().partition("=")
-        if key.lower() == "boundary" and value.strip('"'):
-            return value.strip('"').encode("latin-1")
-    return None
+    """The multipart boundary, parsed as Starlette's own form parser parses it."""
+    _, params = parse_options_header(request.headers.get("content-type", ""))
+    return params.get(b"boundary") or None
 
 
 def describe(engine: ModelEngine, result: ExitResult, top_k: int) -> Classification:
