@@ -100,14 +100,12 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.service = service
         self.grace_s = grace_s
-        self._draining = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._draining or self.grace_s <= 0:
+        if self.service.draining or self.grace_s <= 0:  # a second signal, or no grace: go now
             self.service.draining = True
             super().handle_exit(sig, frame)
             return
-        self._draining = True
         self.service.draining = True
         log.info("draining: /readyz answers 503 for %g s, then the listener closes", self.grace_s)
         timer = threading.Timer(self.grace_s, super().handle_exit, args=(sig, frame))
@@ -115,30 +113,30 @@ class DrainingServer(uvicorn.Server):
         timer.start()
 
 
-def _uvicorn_config(app, settings: Settings, log_level: str) -> uvicorn.Config:
-    return uvicorn.Config(
+def _server(settings: Settings, log_level: str, workers: WorkerGroup | None = None) -> DrainingServer:
+    """The app on uvicorn, with the header deadline, the drain period and the shutdown timeout."""
+    configure_logging(log_level, settings.log_format)
+    app = create_app(settings, workers=workers)
+    config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=log_level, log_config=None, access_log=False,
         http=header_timeout_protocol(settings.header_timeout_s),
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)),
     )
+    return DrainingServer(config, app.state.service, settings.drain_grace_s)
 
 
 def serve(settings: Settings, log_level: str = "info") -> int:
     """Serve until stopped; the exit status (non-zero when the repository cannot be served)."""
     if settings.workers > 1:
         return serve_workers(settings, log_level)
-    configure_logging(log_level, settings.log_format)
-    app = create_app(settings)
-    server = DrainingServer(_uvicorn_config(app, settings, log_level), app.state.service, settings.drain_grace_s)
+    server = _server(settings, log_level)
     server.run()
     return 0 if server.started else STARTUP_FAILURE
 
 
 def run_worker(settings: Settings, log_level: str, sock: socket.socket, group: WorkerGroup) -> None:
     """One worker process: its own app, sessions and batchers, on the shared socket."""
-    configure_logging(log_level, settings.log_format)
-    app = create_app(settings, workers=group)
-    server = DrainingServer(_uvicorn_config(app, settings, log_level), app.state.service, settings.drain_grace_s)
+    server = _server(settings, log_level, group)
     server.run(sockets=[sock])
     sys.exit(0 if server.started else STARTUP_FAILURE)
 
