@@ -37,6 +37,8 @@ from urllib.parse import urlparse
 
 import httpx
 
+from loadtest.overload import launch, start_server, stop_server
+
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "exitserve.json"
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -160,45 +162,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(url: str, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} not up at {url} after {timeout:.0f} s")
-        time.sleep(0.2)
-
-
-def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 @contextmanager
 def exitserve_server(repository: Path, log: Path) -> Iterator[str]:
-    port = free_port()
-    exe = VENV_BIN / "exitserve"
-    command = [str(exe) if exe.exists() else "exitserve", "serve", "--model-repository", str(repository),
-               "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    server = start_server(repository, free_port(), {}, log)
     try:
-        wait_for(f"{url}/readyz", 300, "exitserve", proc)
-        yield url
+        yield server.url
     finally:
-        stop(proc)
+        stop_server(server)
 
 
 def prometheus_config(target: str, scrape_interval: str = "1s") -> str:
@@ -214,15 +184,14 @@ def prometheus(target: str, workdir: Path, scrape_interval: str = "1s") -> Itera
     config = workdir / "prometheus.yml"
     config.write_text(prometheus_config(target, scrape_interval))
     port = free_port()
-    with open(workdir / "prometheus.log", "wb") as out:
-        proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
-                                 f"--web.listen-address=127.0.0.1:{port}"], stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    server = launch([binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
+                     f"--web.listen-address=127.0.0.1:{port}"], url, "/-/ready", {}, workdir / "prometheus.log",
+                    "prometheus", 60)
     try:
-        wait_for(f"{url}/-/ready", 60, "prometheus", proc)
         yield url
     finally:
-        stop(proc)
+        stop_server(server)
 
 
 def wait_for_scrape(prom: str, timeout: float = 60) -> None:
