@@ -7,7 +7,6 @@ import importlib.util
 import math
 import re
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import httpx
 import pytest
 import yaml
 
+from loadtest.overload import launch, stop_server
 from server.settings import Settings
 from tests.server.images import encode, fashion_images
 from tests.server.live import free_port, live_server
@@ -143,13 +143,10 @@ def test_every_dashboard_query_has_data(served_repository: Path, tmp_path: Path)
         config.write_text(render.prometheus_config(target) + f"rule_files:\n  - '{ALERTS}'\n")
         port = free_port()
         api = f"http://127.0.0.1:{port}"
-        prom = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        prom = launch([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                       f"--web.listen-address=127.0.0.1:{port}"], api, "/-/ready", {}, tmp_path / "prometheus.log",
+                      "prometheus", 60)
         try:
-            render.wait_for(f"{api}/-/ready", 60, "prometheus", prom)
             render.wait_for_scrape(api)
             # two rounds a few scrapes apart: a series born in a scrape with its final value has
             # no increase to rate(), and a fast machine sends one round between two scrapes
@@ -223,9 +220,4 @@ def test_every_dashboard_query_has_data(served_repository: Path, tmp_path: Path)
                 time.sleep(0.5)
             assert {r["name"] for r in loaded} == {r["alert"] for g in rules["groups"] for r in g["rules"]}
         finally:
-            prom.terminate()
-            try:
-                prom.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                prom.kill()
-                prom.wait(timeout=10)
+            stop_server(prom)
