@@ -48,8 +48,10 @@ class Pending:
 class BatchOutcome:
     result: ExitResult
     queue_ms: float
-    inference_ms: float
+    inference_ms: float  # the batch's run, from the loop's side: the stages and both thread hops
     batch_size: int
+    stage_ms: dict[int, float] = field(default_factory=dict)  # each stage's wall time in that batch
+    finished: float = 0.0  # perf_counter when the loop had the batch's answers
 
 
 class DynamicBatcher:
@@ -229,8 +231,10 @@ class DynamicBatcher:
             self.executor, self.engine.run_thresholds, images, thresholds, deadlines)
         if len(run.results) != len(live):
             raise RuntimeError(f"the engine answered {len(run.results)} images of {len(live)}")
+        finished = time.perf_counter()
         self._report(len(live), run)
-        inference_ms = (time.perf_counter() - started) * 1000
+        inference_ms = (finished - started) * 1000
         for p, result in zip(live, run.results):
             if not p.future.done():
-                p.future.set_result(BatchOutcome(result, (started - p.enqueued) * 1000, inference_ms, len(live)))
+                p.future.set_result(BatchOutcome(result, (started - p.enqueued) * 1000, inference_ms, len(live),
+                                                 run.stage_ms, finished))

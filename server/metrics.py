@@ -12,6 +12,7 @@ from pathlib import Path
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+PHASE_BUCKETS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1)
 LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2, 5)
 
 
@@ -59,8 +60,17 @@ class Metrics:
             "exitserve_inference_failures_total", "Engine runs that failed (their requests got 500).", ["model"],
             registry=r,
         )
+        self.request_phase = Histogram(
+            "exitserve_request_phase_seconds", "Time of one phase of a request (EXITSERVE_PHASE_METRICS; "
+            "server.http.phases lists them).",
+            ["route", "phase"], buckets=PHASE_BUCKETS, registry=r,
+        )
         self.rejected = Counter("exitserve_rejected_total", "Requests refused with 503 (queue full).", ["model"],
                                 registry=r)
+
+    def observe_phases(self, route: str, phases: dict[str, float]) -> None:
+        for phase, seconds in phases.items():
+            self.request_phase.labels(route, phase).observe(seconds)
 
     def observe_results(self, model: str, exits: list[int], costs: list[float], deadline_hits: int) -> None:
         self.images.labels(model).inc(len(exits))

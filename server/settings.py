@@ -46,6 +46,13 @@ class Settings(BaseSettings):
 
     online_budget: bool = Field(True, description="nudge thresholds so the measured mean cost holds the budget")
     warmup_batches: int = 2
+    switch_interval_us: float = Field(1.0, gt=0, le=100_000, description="Python's thread switch interval "
+                                      "(sys.setswitchinterval), in microseconds: how long the event loop may keep "
+                                      "the GIL once the inference thread, back from a stage, asks for it. Python's "
+                                      "default, 5000, stalls every stage under load; 1 serves 1.4x the requests at "
+                                      "concurrency 32 here (BENCHMARKS.md, \"GIL switch interval\")")
+    phase_metrics: bool = Field(False, description="time each phase of every classify request into "
+                                "exitserve_request_phase_seconds (server.http.phases)")
 
     header_timeout_s: float = Field(10.0, gt=0, description="a connection must send a request's headers within this")
     body_timeout_s: float = Field(30.0, gt=0, description="a request must send its whole body within this")

@@ -20,6 +20,8 @@ function setup(thread)
    table.insert(threads, thread)
 end
 
+-- EXITSERVE_WRK_MULTIPART=1 sends each image as the multipart field "file" instead.
+--
 -- Per-thread state (each wrk thread has its own Lua state).
 counts = {}          -- status code -> responses, read back by done() via thread:get("counts")
 local requests = {}  -- pre-formatted HTTP requests, one per image
@@ -41,11 +43,20 @@ function init(args)
       io.stderr:write("classify.lua: set EXITSERVE_WRK_IMAGES to a directory of PNG files\n")
       os.exit(2)
    end
+   local multipart = os.getenv("EXITSERVE_WRK_MULTIPART") == "1"
    for _, path in ipairs(list_pngs(dir)) do
       local f = assert(io.open(path, "rb"))
       local body = f:read("*a")
       f:close()
-      table.insert(requests, wrk.format("POST", wrk.path, {["Content-Type"] = "image/png"}, body))
+      if multipart then
+         local boundary = "exitserve-wrk-boundary"
+         local form = "--" .. boundary .. "\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
+            .. "Content-Type: image/png\r\n\r\n" .. body .. "\r\n--" .. boundary .. "--\r\n"
+         table.insert(requests, wrk.format("POST", wrk.path,
+            {["Content-Type"] = "multipart/form-data; boundary=" .. boundary}, form))
+      else
+         table.insert(requests, wrk.format("POST", wrk.path, {["Content-Type"] = "image/png"}, body))
+      end
    end
    if #requests == 0 then
       io.stderr:write("classify.lua: no *.png files in " .. dir .. "\n")

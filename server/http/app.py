@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -31,6 +32,9 @@ def create_app(settings: Settings | None = None, workers: WorkerGroup | None = N
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service: InferenceService = app.state.service
+        # the inference thread needs the GIL back after every stage; by default the event loop
+        # may keep it 5 ms, a stall per stage under load (BENCHMARKS.md, "GIL switch interval")
+        sys.setswitchinterval(settings.switch_interval_us / 1e6)
         try:
             engines = await service.load()  # a repository that cannot be served fails the start
         except StartupError as exc:
@@ -66,11 +70,13 @@ def create_app(settings: Settings | None = None, workers: WorkerGroup | None = N
     # added innermost first: the request id sees everything, metrics see the 401s and 413s
     app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
                        service=app.state.service)
-    app.add_middleware(ApiKeyAuth, keys=settings.api_keys, open_paths=open_paths(settings))
+    if settings.api_keys:  # without keys it would only add a layer to every request
+        app.add_middleware(ApiKeyAuth, keys=settings.api_keys, open_paths=open_paths(settings))
     if settings.cors_origins:  # outside the key check: browsers send preflights without credentials
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["X-Request-ID"])
-    app.add_middleware(RequestMetrics, metrics=metrics, service=app.state.service)
+    app.add_middleware(RequestMetrics, metrics=metrics, service=app.state.service,
+                       phase_metrics=settings.phase_metrics)
     app.add_middleware(RequestIdMiddleware)
     if workers:
         app.add_middleware(WorkerHeader, index=workers.index)

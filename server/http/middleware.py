@@ -9,6 +9,7 @@ from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.http import phases
 from server.http.errors import request_has_body, send_error
 from server.metrics import Metrics
 from server.service import InferenceService
@@ -67,16 +68,18 @@ class BodyLimits:
         body_done = not has_body
         deadline: float | None = None
         started = False
+        loop = asyncio.get_running_loop()
 
         async def limited_receive() -> Message:
             nonlocal received, body_done, deadline
             if body_done:
                 return await receive()  # after the body: disconnect notices, no deadline
             if deadline is None:
-                deadline = time.monotonic() + self.timeout_s
+                deadline = loop.time() + self.timeout_s
             try:
-                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
-            except asyncio.TimeoutError:
+                async with asyncio.timeout_at(deadline):  # unlike wait_for, no task per message
+                    message = await receive()
+            except TimeoutError:
                 raise _BodyRefused(408, "body_timeout", f"the request body did not arrive within "
                                                         f"{self.timeout_s:g} s") from None
             if message["type"] == "http.request":
@@ -108,12 +111,14 @@ class RequestMetrics:
 
     Latency is labelled with the model the request resolved to (a ``model`` form field
     included); a request refused before that (413, 415) is labelled with the model its
-    query names, or the default model."""
+    query names, or the default model. With ``phase_metrics`` it also times each request's
+    phases (``server.http.phases``), sending the response included."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, service: InferenceService) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, service: InferenceService, phase_metrics: bool = False) -> None:
         self.app = app
         self.metrics = metrics
         self.service = service
+        self.phase_metrics = phase_metrics
 
     def _model(self, scope: Scope) -> str:
         if RESOLVED_MODEL in scope:
@@ -128,18 +133,31 @@ class RequestMetrics:
             return
         started = time.perf_counter()
         status = 500
+        timed = phases.start(scope) if self.phase_metrics else None
 
         async def capture(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+            if timed is None:
+                await send(message)
+                return
+            sending = time.perf_counter()
             await send(message)
+            timed["send"] = timed.get("send", 0.0) + time.perf_counter() - sending
 
         try:
             await self.app(scope, receive, capture)
         finally:
-            self.metrics.request_latency.labels(scope["path"], self._model(scope)).observe(time.perf_counter() - started)
+            total = time.perf_counter() - started
+            self.metrics.request_latency.labels(scope["path"], self._model(scope)).observe(total)
             self.metrics.requests.labels(scope["path"], str(status)).inc()
+            if timed is not None and 200 <= status < 300:
+                self._observe_phases(scope["path"], timed, total)
+
+    def _observe_phases(self, route: str, timed: dict[str, float], total: float) -> None:
+        inside = sum(timed.get(p, 0.0) for p in phases.PARTITION)
+        self.metrics.observe_phases(route, {**timed, phases.FRAMEWORK: max(total - inside, 0.0), "app": total})
 
 
 class WorkerHeader:
