@@ -1,8 +1,19 @@
-"""Side-by-side benchmark: exitserve (early exit) vs full depth vs a plain FastAPI server.
+"""The side-by-side benchmark: exitserve (early exit) vs full depth vs a plain FastAPI server
+vs LitServe, with the no-op route as the ceiling. One run, in three parts:
 
-One run starts both servers on loopback, sends the same Fashion-MNIST test images to each
-and prints a Markdown report (also written as JSON). Traffic goes only to 127.0.0.1 and
-is bounded in count.
+1. **Throughput and tail under wrk** (``loadtest.wrk_bench``): wrk at C = 1, 8 and 32
+   against exitserve at the near-full budget, the default budget and budget 1.0, exitserve
+   with two workers, the plain server, LitServe (when installed: the ``bench`` extra) and
+   the no-op route, one server at a time; client and server CPU; ratios.
+2. **Accuracy and latency with a Python client at concurrency 1**: every answer checked
+   against the test labels (exitserve early exit, raw and multipart, budget 1.0, the plain
+   server), and the engine's and ``full_model.onnx``'s own time in process.
+3. **The batch path** (``/classify/batch``, all 10,000 test images per budget): accuracy,
+   mean cost, engine time per image against full depth, images/s.
+
+``--guard`` exits 1 when the default budget's C=32 throughput is under 2.5x the plain
+server's, or when the engine time per image at budget 0.2 is over 0.3x full depth's.
+Traffic goes only to 127.0.0.1 and is bounded in count and time.
 
     python -m loadtest.benchmark --repository model_repository --model msdnet_fmnist
 """
@@ -10,7 +21,6 @@ is bounded in count.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import http.client
 import json
 import os
@@ -26,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from loadtest.images import encode_image
+from loadtest import wrk_bench
 from models.data import load_splits
 
 
@@ -76,22 +87,26 @@ class KeepAliveClient:
         self.conn.close()
 
 
-def sequential_latency(url: str, blobs: list[bytes], params: dict, desc: str, raw: bool = False) -> dict:
-    """Concurrency 1: one request at a time; client-side wall time per request."""
+def sequential_latency(url: str, blobs: list[bytes], labels: np.ndarray, params: dict, desc: str,
+                       raw: bool = False) -> dict:
+    """Concurrency 1: one request at a time; client-side wall time per request, and the
+    accuracy of the answers against ``labels``."""
     client = KeepAliveClient(url)
-    wall, server_inference, exits, costs = [], [], [], []
+    wall, server_inference, exits, costs, correct = [], [], [], [], 0
     try:
-        for blob in tqdm(blobs, desc=desc, leave=False):
+        for blob, label in tqdm(zip(blobs, labels, strict=True), total=len(blobs), desc=desc, leave=False):
             started = time.perf_counter()
             body = client.post_image("/classify", blob, params, raw)
             wall.append((time.perf_counter() - started) * 1000)
+            correct += int(body["class_index"] == int(label))
             if "timings_ms" in body:
                 server_inference.append(body["timings_ms"]["inference"])
                 exits.append(body["exit"]["index"])
                 costs.append(body["exit"]["cost_fraction"])
     finally:
         client.close()
-    out = {"median_ms": statistics.median(wall), "p90_ms": float(np.percentile(wall, 90)), "requests": len(wall)}
+    out = {"median_ms": statistics.median(wall), "p90_ms": float(np.percentile(wall, 90)),
+           "p99_ms": float(np.percentile(wall, 99)), "requests": len(wall), "accuracy": correct / len(wall)}
     if server_inference:
         out |= {"server_inference_median_ms": statistics.median(server_inference),
                 "mean_exit": float(np.mean(exits)), "mean_cost": float(np.mean(costs))}
@@ -152,29 +167,6 @@ def batch_pass(client: httpx.Client, url: str, blobs: list[bytes], labels: np.nd
             "inference_ms_per_image": inference_ms / n, "images_per_s": n / wall}
 
 
-async def concurrent_throughput(url: str, blobs: list[bytes], params: dict, concurrency: int) -> dict:
-    queue: asyncio.Queue[bytes] = asyncio.Queue()
-    for blob in blobs:
-        queue.put_nowait(blob)
-    latencies: list[float] = []
-
-    async def worker(client: httpx.AsyncClient) -> None:
-        while not queue.empty():
-            blob = queue.get_nowait()
-            t0 = time.perf_counter()
-            response = await client.post(url, files={"file": ("x.png", blob, "image/png")}, params=params)
-            response.raise_for_status()
-            latencies.append((time.perf_counter() - t0) * 1000)
-
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    return {"concurrency": concurrency, "images_per_s": len(blobs) / elapsed,
-            "median_ms": statistics.median(latencies), "p90_ms": float(np.percentile(latencies, 90))}
-
-
 def pick_budget(report: dict, tolerance: float = 0.003) -> float:
     """Smallest budget whose held-out accuracy is within ``tolerance`` of the full network."""
     curve = report["curve"]
@@ -182,68 +174,104 @@ def pick_budget(report: dict, tolerance: float = 0.003) -> float:
     return next(p["budget"] for p in curve if p["expected_accuracy"] >= full_expected - tolerance)
 
 
+GUARD_ENGINE_RATIO = 0.3  # engine time per image at budget 0.2, against full depth
+GUARD_BUDGET = 0.2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
-    parser.add_argument("--model", default="msdnet_fmnist")
-    parser.add_argument("--latency-images", type=int, default=500)
-    parser.add_argument("--throughput-images", type=int, default=2000)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--port", type=int, default=8700)
+    wrk_bench.add_arguments(parser)
+    parser.add_argument("--latency-images", type=int, default=500, help="Python-client requests per row at C=1")
+    parser.add_argument("--batch", type=int, default=256, help="images per /classify/batch request")
+    parser.add_argument("--guard", action="store_true",
+                        help=f"exit 1 when the C={wrk_bench.GUARD_CONCURRENCY} ratio to the plain server is under "
+                             f"{wrk_bench.GUARD_RATIO}x or the engine time at budget {GUARD_BUDGET} is over "
+                             f"{GUARD_ENGINE_RATIO}x full depth")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark.json"))
     args = parser.parse_args(argv)
+    wrk_bench.parse_concurrency(parser, args)
 
+    results: dict = {"model": args.model, "cpu_count": os.cpu_count()}
+    results["wrk"] = wrk_bench.run(args)
+    results |= python_client_part(args)
+    verdicts = guard(results)
+    results["guard"] = verdicts
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    wrk_report = results["wrk"]
+    print("## Throughput and tail under wrk\n")
+    print(wrk_bench.markdown(wrk_report["results"], wrk_report["ratios"], wrk_report["notes"], args))
+    print("\n## Python client and batch path\n")
+    print(markdown(results))
+    print("\n" + "\n".join(v["verdict"] for v in verdicts))
+    print(f"\nwritten: {args.out}", file=sys.stderr)
+    if args.guard and not all(v["passed"] for v in verdicts):
+        print("--guard: FAILED", file=sys.stderr)
+        return 1
+    return 0
+
+
+def python_client_part(args: argparse.Namespace) -> dict:
+    """Parts 2 and 3: both servers up at once, the Python client, accuracy checked."""
     folder = args.repository / args.model
     report = json.loads((folder / "calibration_report.json").read_text())
     test = load_splits("fashion-mnist").test
     blobs = [encode_image(p) for p in tqdm(test.images, desc="encode test images", leave=False)]
     labels = test.labels
     budget = pick_budget(report)
-    ours_url, plain_url = f"http://127.0.0.1:{args.port}", f"http://127.0.0.1:{args.port + 1}"
+    port = args.port + 20  # clear of the wrk part's ports
+    ours_url, plain_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"
     py = sys.executable
     ours = start([py, "-m", "exitserve.cli", "serve", "--model-repository", str(args.repository),
-                  "--port", str(args.port), "--log-level", "warning"], ours_url,
-                 env={"EXITSERVE_ONLINE_BUDGET": "false", "EXITSERVE_MAX_BATCH_SIZE": "64"})
-    plain = start([py, "-m", "loadtest.plain_server", str(folder), "--port", str(args.port + 1)], plain_url)
-    results: dict = {"model": args.model, "budget_within_0.3": budget, "cpu_count": os.cpu_count()}
+                  "--port", str(port), "--log-level", "warning"], ours_url,
+                 env={"EXITSERVE_ONLINE_BUDGET": "false", "EXITSERVE_MAX_BATCH_SIZE": "64",
+                      "EXITSERVE_DEFAULT_MODEL": args.model})
+    plain = start([py, "-m", "loadtest.plain_server", str(folder), "--port", str(port + 1)], plain_url)
+    results: dict = {"budget_within_0.3": budget}
     try:
-        lat = blobs[: args.latency_images]
+        lat, lat_labels = blobs[: args.latency_images], labels[: args.latency_images]
+        q = {"model": args.model}
         for _ in range(2):  # warm-up passes, discarded
-            sequential_latency(ours_url, lat[:50], {"budget": budget}, "warm-up")
-            sequential_latency(plain_url, lat[:50], {}, "warm-up")
+            sequential_latency(ours_url, lat[:50], lat_labels[:50], {**q, "budget": budget}, "warm-up")
+            sequential_latency(plain_url, lat[:50], lat_labels[:50], {}, "warm-up")
         results["latency_c1"] = {
-            "exitserve_early_exit": sequential_latency(ours_url, lat, {"budget": budget}, "exitserve c=1"),
-            "exitserve_early_exit_raw_body": sequential_latency(ours_url, lat, {"budget": budget},
+            "exitserve_early_exit": sequential_latency(ours_url, lat, lat_labels, {**q, "budget": budget},
+                                                       "exitserve c=1"),
+            "exitserve_early_exit_raw_body": sequential_latency(ours_url, lat, lat_labels, {**q, "budget": budget},
                                                                 "exitserve raw c=1", raw=True),
-            "exitserve_full_depth": sequential_latency(ours_url, lat, {"budget": 1.0}, "exitserve full c=1"),
-            "plain_fastapi_full_depth": sequential_latency(plain_url, lat, {}, "plain c=1"),
+            "exitserve_full_depth": sequential_latency(ours_url, lat, lat_labels, {**q, "budget": 1.0},
+                                                       "exitserve full c=1"),
+            "plain_fastapi_full_depth": sequential_latency(plain_url, lat, lat_labels, {}, "plain c=1"),
             "engine_in_process": engine_latency(folder, lat, budget),
             "full_model_session_in_process": full_model_latency(folder, lat),
         }
         with httpx.Client(timeout=120) as client:
-            budgets = sorted({budget, 0.2, 0.35, 1.0})
+            budgets = sorted({budget, GUARD_BUDGET, 0.35, 1.0})
             results["batch"] = [
-                batch_pass(client, f"{ours_url}/classify/batch", blobs, labels, b, args.batch, f"batch b={b}")
+                batch_pass(client, f"{ours_url}/classify/batch?model={args.model}", blobs, labels, b, args.batch,
+                           f"batch b={b}")
                 for b in budgets
             ]
-        tp = blobs[: args.throughput_images]
-        results["throughput_c16"] = {
-            "exitserve_early_exit": asyncio.run(concurrent_throughput(f"{ours_url}/classify", tp,
-                                                                      {"budget": budget}, 16)),
-            "exitserve_full_depth": asyncio.run(concurrent_throughput(f"{ours_url}/classify", tp,
-                                                                      {"budget": 1.0}, 16)),
-            "plain_fastapi_full_depth": asyncio.run(concurrent_throughput(f"{plain_url}/classify", tp, {}, 16)),
-        }
     finally:
         for proc in (ours, plain):
             proc.terminate()
             proc.wait(timeout=30)
     results["offline"] = offline_reference(report, [b["budget"] for b in results["batch"]],
                                            [b["mean_cost"] for b in results["batch"]])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(markdown(results))
-    return 0
+    return results
+
+
+def guard(results: dict) -> list[dict]:
+    """The two guarded ratios: C=32 throughput against the plain server, and the batch
+    path's engine time at budget 0.2 against full depth."""
+    passed, verdict = wrk_bench.guard(results["wrk"]["results"])
+    out = [{"passed": passed, "verdict": verdict}]
+    by_budget = {b["budget"]: b for b in results["batch"]}
+    ratio = by_budget[GUARD_BUDGET]["inference_ms_per_image"] / by_budget[1.0]["inference_ms_per_image"]
+    out.append({"passed": ratio <= GUARD_ENGINE_RATIO,
+                "verdict": f"guard: engine time per image at budget {GUARD_BUDGET}: {ratio:.3f}x full depth "
+                           f"(required: <= {GUARD_ENGINE_RATIO}x)"})
+    return out
 
 
 def offline_reference(report: dict, budgets: list[float], costs: list[float]) -> list[dict]:
@@ -269,18 +297,22 @@ def markdown(r: dict) -> str:
     lines = [
         f"Model `{r['model']}`; budget within 0.3 pt of full depth (held-out): **{r['budget_within_0.3']:.3f}**",
         "",
-        "| concurrency 1, /classify | median ms | p90 ms | server inference median ms | mean exit | mean cost |",
-        "|---|---|---|---|---|---|",
-        f"| exitserve, early exit (multipart) | {ours['median_ms']:.3f} | {ours['p90_ms']:.3f} | "
+        f"| concurrency 1, /classify, {ours['requests']} test images (Python client) | accuracy | median ms | p90 ms "
+        "| p99 ms | server inference median ms | mean exit | mean cost |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| exitserve, early exit (multipart) | {100 * ours['accuracy']:.2f}% | {ours['median_ms']:.3f} | "
+        f"{ours['p90_ms']:.3f} | {ours['p99_ms']:.3f} | "
         f"{ours['server_inference_median_ms']:.3f} | {ours['mean_exit']:.2f} | {ours['mean_cost']:.3f} |",
-        f"| exitserve, early exit (raw body) | {raw['median_ms']:.3f} | {raw['p90_ms']:.3f} | "
+        f"| exitserve, early exit (raw body) | {100 * raw['accuracy']:.2f}% | {raw['median_ms']:.3f} | "
+        f"{raw['p90_ms']:.3f} | {raw['p99_ms']:.3f} | "
         f"{raw['server_inference_median_ms']:.3f} | {raw['mean_exit']:.2f} | {raw['mean_cost']:.3f} |",
-        f"| exitserve, budget 1.0 (full depth, multipart) | {full['median_ms']:.3f} | {full['p90_ms']:.3f} | "
+        f"| exitserve, budget 1.0 (full depth, multipart) | {100 * full['accuracy']:.2f}% | {full['median_ms']:.3f} | "
+        f"{full['p90_ms']:.3f} | {full['p99_ms']:.3f} | "
         f"{full['server_inference_median_ms']:.3f} | {full['mean_exit']:.2f} | {full['mean_cost']:.3f} |",
-        f"| plain FastAPI + one ORT session (full depth, multipart) | {plain['median_ms']:.3f} | {plain['p90_ms']:.3f} "
-        "| - | - | 1.000 |",
-        f"| exitserve engine alone, in process (early exit) | {engine['median_ms']:.3f} | - | - | - | - |",
-        f"| full_model.onnx session alone, in process | {plain_engine['median_ms']:.3f} | - | - | - | - |",
+        f"| plain FastAPI + one ORT session (full depth, multipart) | {100 * plain['accuracy']:.2f}% | "
+        f"{plain['median_ms']:.3f} | {plain['p90_ms']:.3f} | {plain['p99_ms']:.3f} | - | - | 1.000 |",
+        f"| exitserve engine alone, in process (early exit) | - | {engine['median_ms']:.3f} | - | - | - | - | - |",
+        f"| full_model.onnx session alone, in process | - | {plain_engine['median_ms']:.3f} | - | - | - | - | - |",
         "",
         f"HTTP overhead at c=1 (median minus the engine's own median): exitserve multipart "
         f"**{ours['median_ms'] - engine['median_ms']:.3f} ms**, raw body **{raw['median_ms'] - engine['median_ms']:.3f} ms**; "
@@ -298,12 +330,6 @@ def markdown(r: dict) -> str:
             f"{b['images_per_s']:.0f} | {100 * off['threshold_test_accuracy']:.2f}% | "
             f"{100 * off['threshold_accuracy_at_batch_cost']:.2f}% |"
         )
-    tp = r["throughput_c16"]
-    lines += ["", "| concurrency 16, /classify | images/s | median ms | p90 ms |", "|---|---|---|---|"]
-    for name, key in (("exitserve, early exit", "exitserve_early_exit"), ("exitserve, full depth", "exitserve_full_depth"),
-                      ("plain FastAPI (full depth)", "plain_fastapi_full_depth")):
-        t = tp[key]
-        lines.append(f"| {name} | {t['images_per_s']:.0f} | {t['median_ms']:.2f} | {t['p90_ms']:.2f} |")
     return "\n".join(lines)
 
 

@@ -136,7 +136,7 @@ class Target:
 def start_target(target: Target, args: argparse.Namespace, port: int, log: Path) -> Server:
     folder = args.repository / args.model
     if target.kind == "exitserve":
-        env = {"EXITSERVE_DEFAULT_MODEL": args.model}
+        env = {"EXITSERVE_DEFAULT_MODEL": args.model, **target.extra}
         return start_server(args.repository, port, env, log, label=target.name)
     base = f"http://127.0.0.1:{port}"
     if target.kind == "plain":
@@ -263,8 +263,7 @@ def guard(rows: list[dict]) -> tuple[bool, str]:
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repository", type=Path, required=True, help="model repository (folder of model folders)")
     parser.add_argument("--model", default="msdnet_fmnist")
     parser.add_argument("--duration", type=int, default=10, help="seconds of measured load per row")
@@ -274,20 +273,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wrk-timeout", default="10s", help="wrk --timeout (wrk's default: 2s)")
     parser.add_argument("--only", default=None,
                         help="comma-separated subset of: exitserve_near_full, exitserve_default, exitserve_full, "
-                             "plain, litserve, noop (development)")
-    parser.add_argument("--guard", action="store_true",
-                        help=f"exit 1 when exitserve's default-budget req/s at C={GUARD_CONCURRENCY} is under "
-                             f"{GUARD_RATIO}x the plain server's")
-    parser.add_argument("--out", type=Path, default=Path("runs/wrk_bench.json"))
-    args = parser.parse_args(argv)
-    args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
+                             "exitserve_default_2_workers, plain, litserve, noop (development)")
+
+
+def parse_concurrency(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
     if not args.concurrency or min(args.concurrency) < 1:
         parser.error("--concurrency: positive integers, e.g. 1,8,32")
+    if not (args.repository / args.model / "manifest.json").is_file():
+        parser.error(f"{args.repository / args.model} is not a model folder (no manifest.json)")
 
+
+def run(args: argparse.Namespace) -> dict:
+    """Every target under wrk, one server at a time; the report (rows, ratios, guard verdict)."""
     wrk = require_wrk()
     folder = args.repository / args.model
-    if not (folder / "manifest.json").is_file():
-        parser.error(f"{folder} is not a model folder (no manifest.json)")
     near_budget, near_acc, full_acc = near_full_budget(folder)
     base_budget = DEFAULT_BUDGET
     model_q = {"model": args.model}
@@ -301,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                "/classify?" + urlencode(model_q)),
         Target("exitserve_full", "exitserve budget 1.0", "exitserve",
                "/classify?" + urlencode({**model_q, "budget": "1.0"})),
+        Target("exitserve_default_2_workers", f"exitserve default budget ({base_budget}), 2 workers", "exitserve",
+               "/classify?" + urlencode(model_q), extra={"EXITSERVE_WORKERS": "2"}),
         Target("plain", "plain FastAPI + ORT", "plain", "/classify"),
         Target("litserve", "LitServe (batch 32, 2 ms)", "litserve", "/classify"),
         Target("noop", "plain FastAPI /noop (floor)", "plain", "/noop"),
@@ -329,18 +331,31 @@ def main(argv: list[str] | None = None) -> int:
             rows += measure_target(target, args, wrk, images, args.port + i, log)
     ratios = compute_ratios(rows)
     passed, verdict = guard(rows)
-    report = {"repository": str(args.repository), "model": args.model, "images": count,
-              "near_full_budget": near_budget, "near_full_accuracy": near_acc, "full_accuracy": full_acc,
-              "default_budget": base_budget, "concurrency": args.concurrency, "duration_s": args.duration,
-              "warmup_s": WARMUP_S, "cpu_count": os.cpu_count(), "wrk": wrk_version(wrk),
-              "notes": notes, "results": rows, "ratios": ratios,
-              "guard": {"concurrency": GUARD_CONCURRENCY, "min_ratio": GUARD_RATIO, "passed": passed,
-                        "verdict": verdict}}
+    return {"repository": str(args.repository), "model": args.model, "images": count,
+            "near_full_budget": near_budget, "near_full_accuracy": near_acc, "full_accuracy": full_acc,
+            "default_budget": base_budget, "concurrency": args.concurrency, "duration_s": args.duration,
+            "warmup_s": WARMUP_S, "cpu_count": os.cpu_count(), "wrk": wrk_version(wrk),
+            "notes": notes, "results": rows, "ratios": ratios,
+            "guard": {"concurrency": GUARD_CONCURRENCY, "min_ratio": GUARD_RATIO, "passed": passed,
+                      "verdict": verdict}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.add_argument("--guard", action="store_true",
+                        help=f"exit 1 when exitserve's default-budget req/s at C={GUARD_CONCURRENCY} is under "
+                             f"{GUARD_RATIO}x the plain server's")
+    parser.add_argument("--out", type=Path, default=Path("runs/wrk_bench.json"))
+    args = parser.parse_args(argv)
+    parse_concurrency(parser, args)
+    report = run(args)
     args.out.write_text(json.dumps(report, indent=2))
-    print(markdown(rows, ratios, notes, args))
+    print(markdown(report["results"], report["ratios"], report["notes"], args))
+    verdict = report["guard"]["verdict"]
     print(f"\n{verdict}")
     print(f"\nwritten: {args.out}", file=sys.stderr)
-    if args.guard and not passed:
+    if args.guard and not report["guard"]["passed"]:
         print(f"--guard: FAILED. {verdict}", file=sys.stderr)
         return 1
     return 0

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from server.engine import ModelEngine
+from server.http.schemas import ClassifyResponse, ExitInfo, Timings, TopK
 from server.preprocess import decode_image
 from server.settings import Settings
 from tests.server.images import bomb_png, encode, fashion_images
@@ -63,6 +64,20 @@ def test_raw_body_fast_path_and_top_k(url: str, images) -> None:
     probs = [t["probability"] for t in raw["top_k"]]
     assert probs == sorted(probs, reverse=True) and raw["top_k"][0]["class_index"] == raw["class_index"]
     assert raw["exit"]["stages_run"] == raw["exit"]["index"] + 1
+
+
+def test_answers_have_exactly_the_documented_shape(url: str, images) -> None:
+    """/classify builds its answer as plain data on the hot path: it must still be exactly
+    ClassifyResponse, the schema /docs shows, with nothing missing or extra."""
+    blob = encode(images[0][0])
+    for params in ({"top_k": 2}, {"budget": 0.01}, {"thresholds": "0.5,0.5,0.5,0.5"}):
+        body = httpx.post(f"{url}/classify", content=blob, headers={"content-type": "image/png"},
+                          params=params).json()
+        parsed = ClassifyResponse.model_validate(body)
+        assert parsed.model_dump(mode="json") == body  # no field outside the schema, none missing
+        assert set(body["exit"]) == set(ExitInfo.model_fields) and set(body["timings_ms"]) == set(Timings.model_fields)
+        for item in body["top_k"]:
+            assert set(item) == set(TopK.model_fields)
 
 
 def test_budgets_move_mean_exit_depth_monotonically(url: str, images) -> None:

@@ -1,0 +1,49 @@
+"""The wrk harnesses run end to end on a real server, briefly: the side-by-side benchmark's
+wrk part and the per-request breakdown. Numbers are not asserted (speed belongs in
+BENCHMARKS.md), only that every request was answered and the reports hold what they claim."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from loadtest import breakdown, wrk_bench
+
+pytestmark = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is installed by scripts/install.sh")
+
+
+def test_wrk_bench_rows_and_ratios(served_repository: Path, tmp_path: Path) -> None:
+    out = tmp_path / "wrk.json"
+    status = wrk_bench.main(["--repository", str(served_repository), "--duration", "1", "--concurrency", "1,4",
+                             "--only", "exitserve_default,plain,noop", "--images", "16", "--out", str(out)])
+    assert status == 0
+    report = json.loads(out.read_text())
+    rows = {(r["key"], r["concurrency"]): r for r in report["results"]}
+    assert set(rows) == {(k, c) for k in ("exitserve_default", "plain", "noop") for c in (1, 4)}
+    for row in rows.values():
+        assert row["ok_per_s"] > 0 and row["non_2xx"] == 0 and not row["socket_errors"], row["configuration"]
+        assert row["server_cpu_s"] > 0 and row["client_cpu_s"] > 0
+    ratio = next(q for q in report["ratios"] if q["key"] == "exitserve_default" and q["concurrency"] == 4)
+    assert ratio["vs_plain"] == pytest.approx(rows["exitserve_default", 4]["ok_per_s"] / rows["plain", 4]["ok_per_s"])
+    assert "C=32" in report["guard"]["verdict"]  # not measured at 32 here: the guard says so, and fails
+    assert report["guard"]["passed"] is False
+
+
+def test_breakdown_table(served_repository: Path, tmp_path: Path) -> None:
+    out = tmp_path / "breakdown.json"
+    assert breakdown.main(["--repository", str(served_repository), "--duration", "1", "--concurrency", "1,4",
+                           "--images", "16", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    ours = [r for r in rows if r["phases_ms"]]
+    assert [r["configuration"] for r in ours] == ["exitserve raw body C=1", "exitserve raw body C=4",
+                                                  "exitserve multipart C=1", "exitserve multipart C=4"]
+    for r in ours:
+        assert r["non_2xx"] == 0 and abs(r["timed_requests"] - r["requests"]) <= r["concurrency"]
+        phases = r["phases_ms"]
+        assert phases["decode"] > 0 and phases["stage_0"] > 0
+        assert (phases.get("multipart", 0.0) > 0) == ("multipart" in r["configuration"])
+        assert r["latency_ms"]["mean"] > phases["app"] > 0  # the client sees more than the app spends
+    assert len(rows) - len(ours) == 2  # the no-op floor at both concurrencies
