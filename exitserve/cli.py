@@ -186,6 +186,21 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="processes on one port (default EXITSERVE_WORKERS, 1); ONNX Runtime threads are split "
                         "among them")
     p.add_argument("--log-level", default="info")
+    ray = p.add_argument_group("Ray Serve", "with --ray, the replicas of a Ray Serve deployment across a Ray "
+                               "cluster serve instead (needs the 'ray' extra); --host and --port are then "
+                               "Serve's HTTP proxy")
+    ray.add_argument("--ray", metavar="ADDRESS", default=None,
+                     help="the cluster to deploy to, e.g. 10.0.0.5:6379 or auto; serves until SIGTERM or SIGINT, "
+                          "which deletes the application")
+    ray.add_argument("--replicas", type=int, default=1, help="replicas (with --max-replicas: the fewest kept)")
+    ray.add_argument("--max-replicas", type=int, default=None,
+                     help="autoscale on ongoing requests between --replicas and this")
+    ray.add_argument("--replica-cpus", type=float, default=1.0,
+                     help="CPUs Ray reserves per replica; its ONNX Runtime threads follow")
+    ray.add_argument("--proxy-location", choices=["EveryNode", "HeadOnly"], default="EveryNode",
+                     help="where Serve runs its HTTP proxy")
+    ray.add_argument("--replica-metrics-port", type=int, default=0,
+                     help="each replica's Prometheus listener (0: any free port; listed at /ray/metrics-targets)")
     p.set_defaults(handler=_run_serve)
 
 
@@ -199,6 +214,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     settings = Settings(**overrides)
     if args.model_repository is None:
         _ensure_default_repository(settings.model_repository / DEFAULT_MODEL)
+    if args.ray is not None:
+        from server.http.ray_serve import RayOptions, run  # imports ray: only when asked for
+
+        options = RayOptions(replicas=args.replicas, max_replicas=args.max_replicas, replica_cpus=args.replica_cpus,
+                             proxy_location=args.proxy_location, metrics_port=args.replica_metrics_port)
+        return run(args.ray, settings, options, args.log_level)
     return serve(settings, args.log_level)
 
 
@@ -246,7 +267,7 @@ def registered_builders() -> list[str]:
     return sorted(names)
 
 
-EXTRA_OF = {"torch": "train", "onnx": "train", "matplotlib": "train"}
+EXTRA_OF = {"torch": "train", "onnx": "train", "matplotlib": "train", "ray": "ray"}
 
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [

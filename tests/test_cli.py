@@ -72,3 +72,17 @@ def test_serving_without_torch_answers_a_real_request(served_repository) -> None
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_serving_never_imports_ray_and_serve_ray_without_the_extra_says_what_to_install(tmp_path) -> None:
+    code = ("import sys; from exitserve.cli import build_parser; build_parser()\n"
+            "from server.http.serving import serve; from server.http.app import create_app; create_app()\n"
+            "print('ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    without_ray = ("import sys\nsys.modules['ray'] = None  # as without the 'ray' extra\n"
+                   "from exitserve.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", without_ray, "serve", "--ray", "127.0.0.1:6379",
+                           "--model-repository", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "needs the 'ray' extra" in done.stderr and "pip install 'exitserve[ray]'" in done.stderr

@@ -14,7 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 import exitserve
 from server.http.errors import install_error_handlers
 from server.http.schemas import ErrorResponse
-from server.http.middleware import BodyLimits, RequestMetrics, WorkerHeader
+from server.http.middleware import BodyLimits, IdentityHeader, RequestMetrics
 from server.http.security import ApiKeyAuth, RequestIdMiddleware
 from server.http.routes import classify, health, models
 from server.metrics import Metrics
@@ -23,6 +23,8 @@ from server.settings import Settings
 from server.workers import WorkerGroup
 
 log = logging.getLogger("exitserve")
+# under Ray Serve (server/http/ray_serve.py): every replica's metrics listener, for Prometheus
+METRICS_TARGETS_PATH = "/ray/metrics-targets"
 
 
 def create_app(settings: Settings | None = None, workers: WorkerGroup | None = None) -> FastAPI:
@@ -79,7 +81,7 @@ def create_app(settings: Settings | None = None, workers: WorkerGroup | None = N
                        phase_metrics=settings.phase_metrics)
     app.add_middleware(RequestIdMiddleware)
     if workers:
-        app.add_middleware(WorkerHeader, index=workers.index)
+        app.add_middleware(IdentityHeader, headers={"x-exitserve-worker": str(workers.index)})
     return app
 
 
@@ -90,5 +92,5 @@ def open_paths(settings: Settings) -> set[str]:
     if not settings.protect_health:
         paths |= {"/healthz", "/readyz"}
     if not settings.protect_metrics:
-        paths.add("/metrics")
+        paths |= {"/metrics", METRICS_TARGETS_PATH}
     return paths

@@ -160,12 +160,13 @@ class RequestMetrics:
         self.metrics.observe_phases(route, {**timed, phases.FRAMEWORK: max(total - inside, 0.0), "app": total})
 
 
-class WorkerHeader:
-    """``X-Exitserve-Worker: N`` on every response, when several workers share the port."""
+class IdentityHeader:
+    """Headers that say who answered, on every response: the worker when several share the
+    port (``X-Exitserve-Worker: N``), the replica and node under Ray Serve."""
 
-    def __init__(self, app: ASGIApp, index: int) -> None:
+    def __init__(self, app: ASGIApp, headers: dict[str, str]) -> None:
         self.app = app
-        self.header = (b"x-exitserve-worker", str(index).encode())
+        self.headers = [(name.lower().encode(), value.encode()) for name, value in headers.items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -174,7 +175,7 @@ class WorkerHeader:
 
         async def tagged(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), self.header]}
+                message = {**message, "headers": [*message.get("headers", []), *self.headers]}
             await send(message)
 
         await self.app(scope, receive, tagged)

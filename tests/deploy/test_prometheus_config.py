@@ -190,3 +190,18 @@ def test_grafana_provisioning_points_at_what_compose_mounts_and_serves() -> None
     walk(dashboard)
     assert named
     assert all(d == {"type": "prometheus", "uid": source["uid"]} for d in named), named
+
+
+@needs_promtool
+def test_promtool_check_the_ray_scrape_config() -> None:
+    """deploy/ray/prometheus.yml: the replicas found through /ray/metrics-targets, the same
+    alert rules and job name."""
+    config_file = ROOT / "deploy" / "ray" / "prometheus.yml"
+    done = promtool("check", "config", str(config_file))
+    assert done.returncode == 0, done.stdout + done.stderr
+    config = yaml.safe_load(config_file.read_text())
+    [job] = config["scrape_configs"]
+    assert job["job_name"] == "exitserve"
+    [sd] = job["http_sd_configs"]
+    assert sd["url"].endswith("/ray/metrics-targets")
+    assert (config_file.parent / config["rule_files"][0]).resolve() == (PROM_DIR / "alerts.yml").resolve()

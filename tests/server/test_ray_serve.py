@@ -1,0 +1,87 @@
+"""The Ray Serve deployment's pieces that need no cluster: replica sizing, deployment
+options, the settings handed to replicas, the Serve config file and the metrics listener.
+(tests/deploy/test_ray_cluster.py runs the whole thing on a real two-node cluster.)"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry, Counter
+
+pytest.importorskip("ray.serve", reason="the 'ray' extra is not installed")
+
+from ray.serve.schema import ServeDeploySchema  # noqa: E402
+
+from server.http import ray_serve  # noqa: E402
+from server.http.ray_serve import RayOptions, replica_intra_op_threads, settings_for_replicas  # noqa: E402
+from server.settings import Settings  # noqa: E402
+
+SERVE_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "ray" / "serve.yaml"
+
+
+@pytest.mark.parametrize(("cpus", "threads"), [(0.5, 1), (1, 1), (2, 1), (4, 3), (8, 7)])
+def test_replica_threads_follow_the_cpus_ray_gives_it(cpus: float, threads: int) -> None:
+    assert replica_intra_op_threads(cpus) == threads
+
+
+def test_fixed_replicas_or_autoscaling_and_the_drain_follows_the_settings() -> None:
+    settings = Settings(shutdown_timeout_s=12)
+    fixed = RayOptions(replicas=3, replica_cpus=2).deployment_options(settings)
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 2}
+    assert fixed["graceful_shutdown_timeout_s"] == 12
+    scaled = RayOptions(replicas=2, max_replicas=6, target_ongoing_requests=4).deployment_options(settings)
+    assert "num_replicas" not in scaled
+    config = scaled["autoscaling_config"]
+    assert (config.min_replicas, config.max_replicas, config.target_ongoing_requests) == (2, 6, 4)
+    with pytest.raises(ValueError, match="below replicas"):
+        RayOptions(replicas=4, max_replicas=2).deployment_options(settings)
+
+
+def test_replicas_get_every_setting_resolved_once_but_the_proxys_address() -> None:
+    settings = Settings(model_repository=Path("/models"), default_budget=0.3, api_keys="a,b", port=9000)
+    handed = settings_for_replicas(settings)
+    assert "host" not in handed and "port" not in handed and "workers" not in handed
+    again = Settings(**handed)
+    assert again.model_repository == Path("/models") and again.default_budget == 0.3 and again.api_keys == ["a", "b"]
+
+
+def test_workers_do_not_apply_under_ray() -> None:
+    with pytest.raises(ValueError, match="replicas replace worker processes"):
+        ray_serve.build(Settings(workers=2), RayOptions())
+
+
+def test_the_serve_config_file_is_valid_and_its_builder_builds_it() -> None:
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    [app] = schema.applications
+    assert app.import_path == "server.http.ray_serve:app_builder" and app.route_prefix == "/"
+    assert [d.name for d in app.deployments] == [ray_serve.APP_NAME]  # the config's section meets the deployment
+    module, _, name = app.import_path.partition(":")
+    builder = getattr(__import__(module, fromlist=[name]), name)
+    application = builder(app.args)
+    assert application is not None
+    assert RayOptions(**app.args["ray"]).metrics_port == app.args["ray"]["metrics_port"]
+
+
+def test_the_metrics_listener_takes_the_next_free_port_of_its_range() -> None:
+    registry = CollectorRegistry()
+    Counter("exitserve_images_total", "Images classified.", ["model"], registry=registry).labels("m").inc(3)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        first = taken.getsockname()[1]
+        if first + ray_serve.METRICS_PORTS > 65535:
+            pytest.skip("the kernel gave a port at the top of the range")
+        server = ray_serve.start_metrics_listener(registry, "127.0.0.1", first)
+        try:
+            port = server.server_port
+            assert first < port < first + ray_serve.METRICS_PORTS
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            assert 'exitserve_images_total{model="m"} 3.0' in text
+        finally:
+            server.shutdown()
+            server.server_close()
