@@ -65,6 +65,22 @@ class Metrics:
             "server.http.phases lists them).",
             ["route", "phase"], buckets=PHASE_BUCKETS, registry=r,
         )
+        self.latency_objective = Gauge(
+            "exitserve_latency_objective_seconds", "The p99 latency objective /classify holds (EXITSERVE_LATENCY_SLO_MS).",
+            ["model"], registry=r, multiprocess_mode="livemax",
+        )
+        self.slo_requests = Counter(
+            "exitserve_slo_requests_total", "/classify answers within the latency objective or not (server-side "
+            "latency).", ["model", "outcome"], registry=r,
+        )
+        self.slo_shed = Counter(
+            "exitserve_slo_shed_total", "Requests refused because even the floor budget could not hold the latency "
+            "objective (also in exitserve_rejected_total).", ["model"], registry=r,
+        )
+        self.expected_accuracy = Gauge(
+            "exitserve_expected_accuracy", "Held-out accuracy the calibration expects at the effective budget.",
+            ["model"], registry=r, multiprocess_mode="liveall",
+        )
         self.rejected = Counter("exitserve_rejected_total", "Requests refused with 503 (queue full).", ["model"],
                                 registry=r)
 

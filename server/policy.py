@@ -38,6 +38,7 @@ from exitserve.repository.confidence import (
 )
 from exitserve.repository.format import BudgetPoint, Calibration, Manifest
 from server.errors import InvalidOptions
+from server.slo import LatencyObjective, ladder_for
 
 Clock = Callable[[], float]
 BUDGET_EPSILON = 1e-12
@@ -246,6 +247,7 @@ class ExitPolicy:
             for s in manifest.stages
         ]
         self.clock = clock
+        self.objective: LatencyObjective | None = None
 
     @property
     def num_exits(self) -> int:
@@ -258,8 +260,29 @@ class ExitPolicy:
 
     @property
     def effective_budget(self) -> float:
-        """What default-budget requests look thresholds up with now."""
-        return self.controller.effective if self.controller else self.default_budget
+        """What default-budget requests look thresholds up with now: the online
+        controller's budget, capped by the latency objective under pressure."""
+        budget = self.controller.effective if self.controller else self.default_budget
+        cap = self.objective.budget_cap if self.objective else None
+        return budget if cap is None else min(budget, cap)
+
+    def attach_objective(self, objective_ms: float, floor: float | None = None) -> LatencyObjective:
+        """Hold ``objective_ms`` by stepping the default budget down the calibrated curve
+        (``server.slo``); without a calibration there is no curve to step down."""
+        if self.calibration is None:
+            raise InvalidOptions("a latency objective needs a calibrated model (calibration.json)")
+        if floor is not None and floor > self.default_budget:
+            raise InvalidOptions(f"the objective's floor budget {floor} is above the default budget "
+                                 f"{self.default_budget}")
+        budgets = [p.budget for p in self.calibration.curve]
+        self.objective = LatencyObjective(objective_ms, ladder_for(budgets, self.default_budget, floor))
+        return self.objective
+
+    def request_budget(self, budget: float, may_lower: bool) -> float:
+        """The budget a request that named ``budget`` gets: its own, unless the operator lets
+        the objective lower it (``may_lower``) and the objective caps budgets now."""
+        cap = self.objective.budget_cap if self.objective and may_lower else None
+        return budget if cap is None else min(budget, cap)
 
     def thresholds_for(self, budget: float | None) -> np.ndarray:
         """Thresholds of the calibrated point for ``budget`` (the effective default when None)."""
@@ -295,6 +318,11 @@ class ExitPolicy:
         return BudgetedSchedule(n, budget, self.thresholds_for(budget), self.costs, self.rule)
 
     def observe_default_budget_costs(self, costs: Sequence[float]) -> None:
-        """Feed the online controller: only traffic at the default budget may move it."""
-        if self.controller is not None:
+        """Feed the online controller: only traffic at the default budget may move it, and
+        not while the latency objective caps the budget (it would wind up against a cost
+        it is not allowed to reach)."""
+        if self.controller is None:
+            return
+        cap = self.objective.budget_cap if self.objective else None
+        if cap is None or cap >= self.controller.effective:
             self.controller.observe(costs)

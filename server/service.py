@@ -20,7 +20,7 @@ import numpy as np
 from exitserve.repository.format import SERVING_FILE, RepositoryError, ServingConfig, load_serving_config
 from server.batcher import BatchOutcome, DynamicBatcher
 from server.engine import ModelEngine
-from server.errors import InvalidOptions, NotReady, ServingError, UnknownModel
+from server.errors import InvalidOptions, NotReady, Overloaded, ServingError, UnknownModel
 from server.metrics import Metrics
 from server.policy import ExitResult
 from server.preprocess import LARGE_IMAGE_PIXELS, model_max_pixels, open_image, to_pixels
@@ -101,6 +101,12 @@ class InferenceService:
                     f"{folder.name}: the default budget {default_budget:g} (from {source}) is below the cost of its "
                     f"first exit ({engine.policy.min_budget:.4f}): set default_budget in {folder.name}/{SERVING_FILE} "
                     f"to at least that")
+            objective_ms = serving.latency_slo_ms or self.settings.latency_slo_ms
+            if objective_ms is not None:
+                try:
+                    engine.policy.attach_objective(objective_ms, serving.slo_floor_budget or self.settings.slo_floor_budget)
+                except InvalidOptions as exc:
+                    raise RepositoryError(f"{folder.name}: {exc.detail}") from None
             self.serving[engine.name] = serving
             log.info("loaded %s: %d stages on %s (IO binding %s)", engine.name, engine.num_exits,
                      engine.runtime.provider, "on" if engine.runtime.use_binding else "off")
@@ -152,14 +158,16 @@ class InferenceService:
                 engine, max_batch_size=serving.max_batch_size or self.settings.max_batch_size,
                 max_queue_delay_ms=self.settings.max_queue_delay_ms,
                 max_queue_images=serving.max_queue_images or self.settings.max_queue_images,
-                on_batch=self.metrics.observe_batch,
+                on_batch=self._on_batch,
                 on_failure=lambda model: self.metrics.inference_failures.labels(model).inc(),
                 on_reject=lambda model: self.metrics.rejected.labels(model).inc(),
             )
             batcher.start()
             self.batchers[name] = batcher
             self.metrics.budget.labels(name).set(engine.policy.default_budget)
-            self.metrics.effective_budget.labels(name).set(engine.policy.effective_budget)
+            self._publish_budget(engine)
+            if (objective := engine.policy.objective) is not None:
+                self.metrics.latency_objective.labels(name).set(objective.objective_ms / 1000)
         self.ready = True
         if self.workers:
             self.workers.mark_ready(True)
@@ -214,13 +222,39 @@ class InferenceService:
                 raise InvalidOptions("give either budget or thresholds, not both", code="conflicting_options")
             return engine.policy.explicit_thresholds(options.thresholds), None
         budget = options.budget
-        return engine.policy.thresholds_for(budget), budget if budget is not None else engine.policy.default_budget
+        if budget is None:
+            return engine.policy.thresholds_for(None), engine.policy.default_budget
+        applied = engine.policy.request_budget(budget, self.settings.slo_lowers_request_budgets)
+        return engine.policy.thresholds_for(applied), budget
 
     # ------------------------------------------------------------------ work
     def check_admission(self, engine: ModelEngine, images: int) -> None:
         """``Overloaded`` now, before the request's body is read, when its model's queue
-        cannot take ``images`` more (the batcher counts the refusal)."""
+        cannot take ``images`` more (the batcher counts the refusal), or when the latency
+        objective is at its floor budget and the queue would still make it miss."""
         self.batchers[engine.name].check_admission(images)
+        self._check_objective(engine, images)
+
+    def _check_objective(self, engine: ModelEngine, images: int) -> None:
+        objective = engine.policy.objective
+        if objective is not None and not objective.admits(self.batchers[engine.name].waiting_images + images - 1):
+            self.metrics.rejected.labels(engine.name).inc()
+            self.metrics.slo_shed.labels(engine.name).inc()
+            raise Overloaded(f"{engine.name} is at its floor budget ({objective.floor_budget:g}) and its queue "
+                             f"would still miss the {objective.objective_ms:g} ms latency objective")
+
+    def _on_batch(self, model: str, images: int, stage_ms: dict[int, float]) -> None:
+        self.metrics.observe_batch(model, images, stage_ms)
+        objective = self.engines[model].policy.objective if model in self.engines else None
+        if objective is not None:
+            objective.observe_batch(images, sum(stage_ms.values()))
+
+    def _publish_budget(self, engine: ModelEngine) -> None:
+        budget = engine.policy.effective_budget
+        self.metrics.effective_budget.labels(engine.name).set(budget)
+        accuracy = engine.policy.expected_accuracy(budget)
+        if accuracy is not None:
+            self.metrics.expected_accuracy.labels(engine.name).set(accuracy)
 
     def max_pixels(self, engine: ModelEngine) -> int:
         """The model's own pixel limit (its serving.json, else derived from its input size),
@@ -257,8 +291,17 @@ class InferenceService:
                        options: RequestOptions, arrived: float) -> BatchOutcome:
         deadline = arrived + options.deadline_ms / 1000 if options.deadline_ms else float("inf")
         batcher = self.batchers[engine.name]
+        self._check_objective(engine, 1)  # again: decoding took time, and a form may have named the model
         outcome = await self._queued(engine, batcher.submit(image, thresholds, deadline))
         self._account(engine, [outcome.result], options.default_budget)
+        if (objective := engine.policy.objective) is not None:
+            latency_ms = (time.perf_counter() - arrived) * 1000
+            cap = objective.budget_cap
+            objective.observe_request(latency_ms, batcher.waiting_images)
+            within = "within" if latency_ms <= objective.objective_ms else "missed"
+            self.metrics.slo_requests.labels(engine.name, within).inc()
+            if objective.budget_cap != cap:
+                self._publish_budget(engine)
         return outcome
 
     async def classify_budgeted(self, engine: ModelEngine, images: np.ndarray, budget: float) -> list[ExitResult]:
@@ -281,4 +324,4 @@ class InferenceService:
                                      sum(r.deadline_hit for r in results))
         if default_budget and engine.policy.controller is not None:
             engine.policy.observe_default_budget_costs(costs)
-            self.metrics.effective_budget.labels(engine.name).set(engine.policy.effective_budget)
+            self._publish_budget(engine)

@@ -44,6 +44,14 @@ class Settings(BaseSettings):
     max_files: int = Field(256, ge=1)
     max_top_k: int = 10
 
+    latency_slo_ms: float | None = Field(None, gt=0, le=600_000, description="the p99 latency objective for "
+                                         "/classify: under pressure the default budget steps down the calibrated "
+                                         "curve to hold it, and only at the floor are requests refused "
+                                         "(server.slo); per model: latency_slo_ms in serving.json")
+    slo_floor_budget: float | None = Field(None, gt=0, le=1, description="the lowest budget the objective may "
+                                           "step down to; default: the cheapest calibrated point")
+    slo_lowers_request_budgets: bool = Field(False, description="let the objective lower budgets that requests "
+                                             "name themselves too (by default they keep theirs)")
     online_budget: bool = Field(True, description="nudge thresholds so the measured mean cost holds the budget")
     warmup_batches: int = 2
     switch_interval_us: float = Field(1.0, gt=0, le=100_000, description="Python's thread switch interval "

@@ -155,6 +155,8 @@ class ServingConfig(BaseModel):
     max_batch_size: int | None = Field(None, ge=1)
     max_queue_images: int | None = Field(None, ge=1)
     max_pixels: int | None = Field(None, ge=1)
+    latency_slo_ms: float | None = Field(None, gt=0, le=600_000)  # this model's latency objective (server.slo)
+    slo_floor_budget: float | None = Field(None, gt=0, le=1)
 
 
 SERVING_FILE = "serving.json"

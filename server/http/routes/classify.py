@@ -241,11 +241,7 @@ async def classify(request: Request) -> Response:
     answered = time.perf_counter()
     if phases.timing(scope):
         _add_outcome_phases(scope, outcome, answered)
-    applied, note = budget, None
-    if budget is not None and budget < engine.policy.min_budget:
-        applied = engine.policy.min_budget
-        note = (f"below the cost of {engine.name}'s first exit ({applied:.4f}): no image can cost less, so that "
-                "is what was spent")
+    applied, note = budget_applied(engine, budget, options, settings.slo_lowers_request_budgets)
     body = describe(engine, outcome.result, options.top_k)
     body |= {
         "budget": budget, "budget_applied": applied, "budget_note": note,
@@ -257,6 +253,22 @@ async def classify(request: Request) -> Response:
     response = Response(to_json(body), media_type="application/json")  # ClassifyResponse's shape (tests pin it)
     phases.add(scope, "respond", time.perf_counter() - answered)
     return response
+
+
+def budget_applied(engine: ModelEngine, budget: float | None, options: RequestOptions,
+                   may_lower: bool) -> tuple[float | None, str | None]:
+    """The budget the thresholds came from, and why it differs from ``budget`` if it does."""
+    if budget is None:  # explicit thresholds
+        return None, None
+    policy = engine.policy
+    if budget < policy.min_budget:
+        return policy.min_budget, (f"below the cost of {engine.name}'s first exit ({policy.min_budget:.4f}): no "
+                                   "image can cost less, so that is what was spent")
+    used = policy.effective_budget if options.budget is None else policy.request_budget(budget, may_lower)
+    cap = policy.objective.budget_cap if policy.objective else None
+    if cap is not None and used <= cap < budget:
+        return used, f"lowered to {used:g} by the {policy.objective.objective_ms:g} ms latency objective under load"
+    return budget, None
 
 
 def _add_outcome_phases(scope: dict[str, Any], outcome: BatchOutcome, answered: float) -> None:
