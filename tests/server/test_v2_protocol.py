@@ -262,7 +262,8 @@ def test_raw_json_request_and_binary_response_on_the_wire(url: str, pixels: np.n
 
     plain = httpx.post(f"{url}/v2/models/{MODEL}/versions/1/infer", timeout=60,
                        json={**body, "parameters": {"budget": 0.5}})
-    assert plain.headers["content-type"] == "application/json" and "inference-header-content-length" not in plain.headers
+    assert plain.headers["content-type"] == "application/json"
+    assert "inference-header-content-length" not in plain.headers
     assert [o["data"] for o in plain.json()["outputs"]][1] == [int(np.argmax(probs))]
 
 
@@ -312,7 +313,8 @@ def test_bad_datatypes_shapes_and_values_are_400(client, pixels: np.ndarray) -> 
         assert says in message, message
     blob = encode(pixels[0])
     for parameters, says in (({"budget": 2}, "budget must be in (0, 1]"), ({"budget": "cheap"}, "must be a number"),
-                             ({"deadline_ms": -1}, "deadline_ms"), ({"batch_budget": 0.5, "budget": 0.5}, "batch_budget"),
+                             ({"deadline_ms": -1}, "deadline_ms"),
+                             ({"batch_budget": 0.5, "budget": 0.5}, "batch_budget"),
                              ({"batch_budget": 0.01}, "below the cost of the first exit")):
         message = bad_request(client, [bytes_input([blob], True)], parameters=parameters)
         assert says in message, message
@@ -344,13 +346,17 @@ def test_malformed_bodies_are_400_with_the_protocol_error_body(url: str, body: b
 def test_binary_framing_errors_are_400(url: str) -> None:
     header = json.dumps({"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES",
                                      "parameters": {"binary_data_size": 10}}]}).encode()
-    post = lambda body, length: httpx.post(f"{url}/v2/models/{MODEL}/infer", content=body,  # noqa: E731
-                                           headers={"inference-header-content-length": str(length)})
+
+    def post(body: bytes, length: int | str) -> httpx.Response:
+        return httpx.post(f"{url}/v2/models/{MODEL}/infer", content=body,
+                          headers={"inference-header-content-length": str(length)})
+
     for body, length, says in ((header + b"\x05\x00\x00\x00ab", len(header), "past the end"),
                                (header + b"\x06\x00\x00\x00abcdef" + b"x", len(header), "belong to no input"),
                                (header, len(header) + 5, "but the body has"),
                                (header, "abc", "must be an integer"),
-                               (header + b"\x06\x00\x00\x00abcdef", len(header), "element 0")):  # 10 bytes, not an image
+                               # 10 bytes that frame one element, which is not an image
+                               (header + b"\x06\x00\x00\x00abcdef", len(header), "element 0")):
         response = post(body, length)
         assert response.status_code == 400 and says in response.json()["error"], response.text
 

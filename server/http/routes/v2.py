@@ -330,7 +330,7 @@ async def model_input(service: InferenceService, engine: ModelEngine, name: str,
         decoded = await asyncio.gather(*(service.decode(blob, engine) for blob in array), return_exceptions=True)
         for i, outcome in enumerate(decoded):
             if isinstance(outcome, BadImage):
-                raise type(outcome)(f"input 'images' element {i}: {outcome.detail}")
+                raise type(outcome)(f"input 'images' element {i}: {outcome.detail}") from None
             if isinstance(outcome, BaseException):
                 raise outcome
         return np.stack([image for image, _ in decoded])
@@ -400,8 +400,9 @@ async def _infer(request: Request, service: InferenceService, max_images: int, m
         if expected is not None:
             answer["expected_accuracy"] = expected
     else:
-        assert used is not None  # no explicit thresholds on this route
-        answer = {"policy": "budget", "budget": used, "budget_applied": max(used, engine.policy.min_budget),
+        budget_used = used if used is not None else engine.policy.default_budget  # None: explicit thresholds only
+        answer = {"policy": "budget", "budget": budget_used,
+                  "budget_applied": max(budget_used, engine.policy.min_budget),
                   "deadline_hits": sum(r.deadline_hit for r in results)}
     answer["mean_cost_fraction"] = round(mean_cost, 6)
     header: dict[str, Any] = {"model_name": engine.name, "model_version": VERSION}
