@@ -44,6 +44,12 @@ class InvalidOptions(ServingError):
     code = "invalid_request"
 
 
+class InvalidInput(ServingError):
+    """An input tensor that does not fit the model (datatype, shape, values)."""
+
+    code = "invalid_input"
+
+
 class BadImage(ServingError):
     """An upload that is not a usable image."""
 

@@ -12,11 +12,12 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from exitserve.repository.format import InputSpec
-from server.errors import CorruptImage, EmptyImage, ImageTooLarge, NotAnImage
+from server.errors import CorruptImage, EmptyImage, ImageTooLarge, InvalidInput, NotAnImage
 
 MIN_MODEL_SIDE = 2048
 SIDE_FACTOR = 64
 LARGE_IMAGE_PIXELS = 1_000_000  # decoded off the event loop, a bounded number at once
+PIXEL_CHANNELS = (1, 3, 4)  # raw uint8 pixels: grey, RGB, RGBA (Pillow's L, RGB, RGBA)
 RESAMPLING = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
@@ -82,3 +83,17 @@ def decode_image(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
     """Bytes -> uint8 H x W x C at the model's size and channels (``open_image`` then
     ``to_pixels``)."""
     return to_pixels(open_image(data, max_pixels), spec)
+
+
+def array_to_pixels(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Raw uint8 pixels (H x W x C, C in 1, 3, 4) -> uint8 H x W x C at the model's size and
+    channels, through the same conversion as a decoded image (``to_pixels``): the same
+    pixels sent as a PNG or as a tensor get the same answer. Pixels already at the model's
+    size and channels are used as they are (what ``to_pixels`` would return)."""
+    height, width, channels = pixels.shape
+    if (height, width, channels) == (spec.size, spec.size, spec.channels):
+        return pixels
+    if channels not in PIXEL_CHANNELS:
+        raise InvalidInput(f"pixels need 1, 3 or 4 channels (grey, RGB, RGBA), got {channels}")
+    plane = pixels[..., 0] if channels == 1 else pixels  # Pillow's mode follows the array's shape
+    return to_pixels(Image.fromarray(np.ascontiguousarray(plane)), spec)

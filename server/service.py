@@ -20,10 +20,10 @@ import numpy as np
 from exitserve.repository.format import SERVING_FILE, RepositoryError, ServingConfig, load_serving_config
 from server.batcher import BatchOutcome, DynamicBatcher
 from server.engine import ModelEngine
-from server.errors import InvalidOptions, NotReady, Overloaded, ServingError, UnknownModel
+from server.errors import ImageTooLarge, InvalidInput, InvalidOptions, NotReady, Overloaded, ServingError, UnknownModel
 from server.metrics import Metrics
 from server.policy import ExitResult
-from server.preprocess import LARGE_IMAGE_PIXELS, model_max_pixels, open_image, to_pixels
+from server.preprocess import LARGE_IMAGE_PIXELS, array_to_pixels, model_max_pixels, open_image, to_pixels
 from server.settings import DEFAULT_MODEL, Settings, default_intra_op_threads
 from server.workers import WorkerGroup
 
@@ -287,6 +287,41 @@ class InferenceService:
         image = spec.normalize(pixels[None])[0]
         return image, (time.perf_counter() - started) * 1000
 
+    async def from_pixels(self, pixels: np.ndarray, engine: ModelEngine) -> tuple[np.ndarray, float]:
+        """Raw uint8 pixels N x H x W x C -> the normalized N x C x H x W batch, under the
+        same pixel limit, conversion and normalization as decoded images (``decode``)."""
+        started = time.perf_counter()
+        spec = engine.manifest.input
+        _, height, width, _ = pixels.shape
+        limit = self.max_pixels(engine)
+        if height * width > limit:
+            raise ImageTooLarge(f"{width}x{height} is over the limit of {limit} pixels")
+
+        def convert() -> np.ndarray:
+            return np.stack([array_to_pixels(p, spec) for p in pixels])
+
+        if height * width > LARGE_IMAGE_PIXELS:
+            async with self._large_decodes:
+                converted = await asyncio.to_thread(convert)
+        elif pixels.nbytes > INLINE_DECODE_BYTES:
+            converted = await asyncio.to_thread(convert)
+        else:
+            converted = convert()
+        return spec.normalize(converted), (time.perf_counter() - started) * 1000
+
+    @staticmethod
+    def check_normalized(tensor: np.ndarray, engine: ModelEngine) -> np.ndarray:
+        """An already normalized N x C x H x W batch, checked against the model's input
+        (shape, finite values) and cast to the dtype stage 0 takes."""
+        spec = engine.manifest.input
+        expected = (spec.channels, spec.size, spec.size)
+        if tensor.ndim != 4 or tuple(tensor.shape[1:]) != expected:
+            raise InvalidInput(f"{engine.name} takes normalized images of shape [N, {', '.join(map(str, expected))}] "
+                               f"(N x C x H x W), got {list(tensor.shape)}")
+        if not np.isfinite(tensor).all():
+            raise InvalidInput("normalized images must be finite (no NaN or infinity)")
+        return np.ascontiguousarray(tensor, dtype=spec.dtype)
+
     async def classify(self, engine: ModelEngine, image: np.ndarray, thresholds: np.ndarray,
                        options: RequestOptions, arrived: float) -> BatchOutcome:
         deadline = arrived + options.deadline_ms / 1000 if options.deadline_ms else float("inf")
@@ -303,6 +338,20 @@ class InferenceService:
             if objective.budget_cap != cap:
                 self._publish_budget(engine)
         return outcome
+
+    async def classify_each(self, engine: ModelEngine, images: np.ndarray, thresholds: np.ndarray,
+                            options: RequestOptions, arrived: float) -> list[BatchOutcome]:
+        """Every image through the batcher on its own, as that many ``classify`` calls: the
+        same thresholds and deadline for each. Admitted together or refused together; when
+        one fails, the others are cancelled."""
+        self.check_admission(engine, len(images))
+        tasks = [asyncio.ensure_future(self.classify(engine, image, thresholds, options, arrived)) for image in images]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
 
     async def classify_budgeted(self, engine: ModelEngine, images: np.ndarray, budget: float) -> list[ExitResult]:
         schedule = engine.policy.budgeted_schedule(len(images), budget)  # refuses a budget below the first exit

@@ -16,7 +16,7 @@ from server.http.errors import install_error_handlers
 from server.http.schemas import ErrorResponse
 from server.http.middleware import BodyLimits, IdentityHeader, RequestMetrics
 from server.http.security import ApiKeyAuth, RequestIdMiddleware
-from server.http.routes import classify, health, models
+from server.http.routes import classify, health, models, v2
 from server.metrics import Metrics
 from server.service import InferenceService, StartupError
 from server.settings import Settings
@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None, workers: WorkerGroup | None = N
     app.include_router(classify.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(v2.router)  # the Open Inference Protocol
 
     # added innermost first: the request id sees everything, metrics see the 401s and 413s
     app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
@@ -90,7 +91,7 @@ def open_paths(settings: Settings) -> set[str]:
     and the API's own documentation."""
     paths = {"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
     if not settings.protect_health:
-        paths |= {"/healthz", "/readyz"}
+        paths |= {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"}
     if not settings.protect_metrics:
         paths |= {"/metrics", METRICS_TARGETS_PATH}
     return paths

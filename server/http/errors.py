@@ -19,6 +19,7 @@ from server.errors import (
     EmptyImage,
     ImageTooLarge,
     InferenceFailed,
+    InvalidInput,
     InvalidOptions,
     NotAnImage,
     NotReady,
@@ -34,11 +35,24 @@ STATUS: list[tuple[type[ServingError], int]] = [
     (Overloaded, 503),
     (UnknownModel, 404),
     (InvalidOptions, 422),
+    (InvalidInput, 422),
     (NotAnImage, 415),
     (ImageTooLarge, 413),
     (EmptyImage, 422),
     (CorruptImage, 422),
     (BadImage, 422),
+    (InferenceFailed, 500),
+    (ServingError, 503),
+]
+# the Open Inference Protocol's statuses (the /v2 routes): a request the client got wrong is
+# 400 whatever the reason, an unknown model 404, "try again later" 503
+PROTOCOL_STATUS: list[tuple[type[ServingError], int]] = [
+    (NotReady, 503),
+    (Overloaded, 503),
+    (UnknownModel, 404),
+    (InvalidOptions, 400),
+    (InvalidInput, 400),
+    (BadImage, 400),
     (InferenceFailed, 500),
     (ServingError, 503),
 ]
@@ -97,11 +111,25 @@ def status_of(exc: ServingError) -> int:
     return next(status for kind, status in STATUS if isinstance(exc, kind))
 
 
+def retry_headers(exc: ServingError, retry_after_s: int) -> dict[str, str] | None:
+    return {"Retry-After": str(retry_after_s)} if isinstance(exc, RETRYABLE) else None
+
+
+def protocol_error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """An error as the Open Inference Protocol sends it: ``{"error": MESSAGE}``."""
+    return Response(json.dumps({"error": message}), status_code=status, headers=headers,
+                    media_type="application/json")
+
+
+def protocol_error_of(exc: ServingError, retry_after_s: int) -> Response:
+    status = next(status for kind, status in PROTOCOL_STATUS if isinstance(exc, kind))
+    return protocol_error_response(status, exc.detail, retry_headers(exc, retry_after_s))
+
+
 def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
     @app.exception_handler(ServingError)
     async def _serving(_: Request, exc: ServingError) -> Response:
-        headers = {"Retry-After": str(retry_after_s)} if isinstance(exc, RETRYABLE) else None
-        return error_response(status_of(exc), exc.code, exc.detail, headers)
+        return error_response(status_of(exc), exc.code, exc.detail, retry_headers(exc, retry_after_s))
 
     @app.exception_handler(RequestProblem)
     async def _request(_: Request, exc: RequestProblem) -> Response:

@@ -1,9 +1,10 @@
 """Pure ASGI middleware (no per-request task, unlike BaseHTTPMiddleware): the body limits,
-and the request metrics of the classify routes."""
+and the request metrics of the classify and v2 inference routes."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from urllib.parse import parse_qs
 
@@ -15,7 +16,18 @@ from server.metrics import Metrics
 from server.service import InferenceService
 
 MEASURED_ROUTES = {"/classify", "/classify/batch"}
+V2_INFER = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/[^/]+)?/infer$")
+V2_INFER_ROUTE = "/v2/models/{name}/infer"  # one label, whatever the model and version: labels stay few
 RESOLVED_MODEL = "exitserve.model"  # scope key: the model a route resolved the request to
+
+
+def measured_route(path: str) -> tuple[str, str | None] | None:
+    """(route label, model named by the path) of a request whose metrics are kept, else None."""
+    if path in MEASURED_ROUTES:
+        return path, None
+    if match := V2_INFER.match(path):
+        return V2_INFER_ROUTE, match["model"]
+    return None
 
 
 def record_model(scope: Scope, name: str) -> None:
@@ -107,7 +119,8 @@ class BodyLimits:
 
 
 class RequestMetrics:
-    """Latency and status counts of the classify routes, 413s from the size limit included.
+    """Latency and status counts of the classify and v2 inference routes, 413s from the size
+    limit included.
 
     Latency is labelled with the model the request resolved to (a ``model`` form field
     included); a request refused before that (413, 415) is labelled with the model its
@@ -120,17 +133,20 @@ class RequestMetrics:
         self.service = service
         self.phase_metrics = phase_metrics
 
-    def _model(self, scope: Scope) -> str:
+    def _model(self, scope: Scope, named: str | None) -> str:
         if RESOLVED_MODEL in scope:
             return scope[RESOLVED_MODEL]
-        query = parse_qs(scope.get("query_string", b"").decode(errors="replace"))
-        model = (query.get("model") or [self.service.default_model or "unknown"])[0]
-        return model if model in self.service.engines else "unknown"  # never a label per junk value
+        if named is None:  # the classify routes name it in the query, the v2 routes in the path
+            query = parse_qs(scope.get("query_string", b"").decode(errors="replace"))
+            named = (query.get("model") or [self.service.default_model or "unknown"])[0]
+        return named if named in self.service.engines else "unknown"  # never a label per junk value
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in MEASURED_ROUTES:
+        measured = measured_route(scope["path"]) if scope["type"] == "http" else None
+        if measured is None:
             await self.app(scope, receive, send)
             return
+        route, named = measured
         started = time.perf_counter()
         status = 500
         timed = phases.start(scope) if self.phase_metrics else None
@@ -150,10 +166,10 @@ class RequestMetrics:
             await self.app(scope, receive, capture)
         finally:
             total = time.perf_counter() - started
-            self.metrics.request_latency.labels(scope["path"], self._model(scope)).observe(total)
-            self.metrics.requests.labels(scope["path"], str(status)).inc()
-            if timed is not None and 200 <= status < 300:
-                self._observe_phases(scope["path"], timed, total)
+            self.metrics.request_latency.labels(route, self._model(scope, named)).observe(total)
+            self.metrics.requests.labels(route, str(status)).inc()
+            if timed is not None and 200 <= status < 300 and route == "/classify":
+                self._observe_phases(route, timed, total)
 
     def _observe_phases(self, route: str, timed: dict[str, float], total: float) -> None:
         inside = sum(timed.get(p, 0.0) for p in phases.PARTITION)

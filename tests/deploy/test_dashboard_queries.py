@@ -3,6 +3,7 @@ Prometheus (Debian's package) scraping a real exitserve that served real traffic
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import math
 import re
@@ -44,6 +45,7 @@ MODEL = "msdnet_fmnist"
 IMAGES = 16  # single-image requests per round
 ROUNDS = 2  # the first creates every series, the second moves them: rate() needs a scraped value before
 MAX_QUEUE = 8  # a /classify/batch of more images than this is refused with 503
+V2_IMAGES = 2  # images in the one v2 inference request per round
 
 
 def dashboard_targets() -> list[tuple[str, str]]:
@@ -115,6 +117,9 @@ def _traffic(url: str) -> dict[str, int]:
             note(client.post("/classify", content=blob, headers={"content-type": "image/png"}, params=params))
         files = [("files", (f"{i}.png", b, "image/png")) for i, b in enumerate(blobs[:4])]
         note(client.post("/classify/batch", files=files, data={"budget": "0.5"}))
+        v2 = {"inputs": [{"name": "images", "shape": [V2_IMAGES], "datatype": "BYTES",
+                          "data": [base64.b64encode(b).decode() for b in blobs[:V2_IMAGES]]}]}
+        note(client.post(f"/v2/models/{MODEL}/infer", json=v2))  # the Open Inference Protocol's route
         files = [("files", (f"{i}.png", b, "image/png")) for i, b in enumerate(blobs[:MAX_QUEUE + 4])]
         note(client.post("/classify/batch", files=files))
         note(client.post("/classify", content=b"not an image", headers={"content-type": "image/png"}))
@@ -154,11 +159,11 @@ def test_every_dashboard_query_has_data(served_repository: Path, tmp_path: Path)
                 if round_:
                     time.sleep(3)
                 statuses = _traffic(url)
-                assert statuses.get("200") == IMAGES + 1 and statuses.get("503") == 1, statuses
+                assert statuses.get("200") == IMAGES + 2 and statuses.get("503") == 1, statuses
                 assert sum(n for s, n in statuses.items() if s.startswith("4")) == 3, statuses
 
             # wait until Prometheus has scraped all of it
-            images = ROUNDS * (IMAGES + 4)
+            images = ROUNDS * (IMAGES + 4 + V2_IMAGES)
             deadline = time.monotonic() + 60
             while True:
                 result = _query(api, f'sum(exitserve_images_total{{job="exitserve", instance="{target}"}})')
@@ -192,6 +197,13 @@ def test_every_dashboard_query_has_data(served_repository: Path, tmp_path: Path)
                     checked.append(query)
             assert len(checked) == 2 * (len(dashboard_targets()) - len(NO_DATA_HERE))
             assert set(no_data) == set(NO_DATA_HERE), "an exemption names a query the dashboard no longer has"
+
+            # the route panels show the v2 inference route beside the classify routes
+            for title in ("Requests/s by route and status", "Request latency p50 / p95 / p99 by route"):
+                expr = [e for t, e in dashboard_targets() if t == title][0]
+                routes = {s["metric"].get("route") for s in
+                          _query(api, render.substitute(expr, selections["All"], rate_interval="1m"))["data"]["result"]}
+                assert {"/classify", "/classify/batch", "/v2/models/{name}/infer"} <= routes, (title, routes)
 
             # a value or two that the traffic pins down
             budget = _query(api, render.substitute(

@@ -88,7 +88,7 @@ BATCH_BODY = {
 # ---------------------------------------------------------------------------- parsing
 
 
-def _number(name: str, raw: str | None, kind: type = float) -> Any:
+def parse_number(name: str, raw: str | None, kind: type = float) -> Any:
     if raw is None or raw == "":
         return None
     try:
@@ -98,6 +98,18 @@ def _number(name: str, raw: str | None, kind: type = float) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidOptions(f"{name} must be finite, got {raw!r}", code=f"invalid_{name}")
     return value
+
+
+def check_budget(budget: float | None, name: str = "budget") -> float | None:
+    if budget is not None and not 0 < budget <= 1:
+        raise InvalidOptions(f"{name} must be in (0, 1] (fraction of full cost), got {budget}", code=f"invalid_{name}")
+    return budget
+
+
+def check_deadline(deadline: float | None) -> float | None:
+    if deadline is not None and not 0 < deadline <= 600_000:
+        raise InvalidOptions(f"deadline_ms must be in (0, 600000], got {deadline}", code="invalid_deadline_ms")
+    return deadline
 
 
 def _option(name: str, form: FormData | None, request: Request) -> str | None:
@@ -111,13 +123,9 @@ def _option(name: str, form: FormData | None, request: Request) -> str | None:
 
 
 def parse_options(form: FormData | None, request: Request, engine: ModelEngine, max_top_k: int) -> RequestOptions:
-    budget = _number("budget", _option("budget", form, request))
-    if budget is not None and not 0 < budget <= 1:
-        raise InvalidOptions(f"budget must be in (0, 1] (fraction of full cost), got {budget}", code="invalid_budget")
-    deadline = _number("deadline_ms", _option("deadline_ms", form, request))
-    if deadline is not None and not 0 < deadline <= 600_000:
-        raise InvalidOptions(f"deadline_ms must be in (0, 600000], got {deadline}", code="invalid_deadline_ms")
-    top_k = _number("top_k", _option("top_k", form, request), int)
+    budget = check_budget(parse_number("budget", _option("budget", form, request)))
+    deadline = check_deadline(parse_number("deadline_ms", _option("deadline_ms", form, request)))
+    top_k = parse_number("top_k", _option("top_k", form, request), int)
     classes = len(engine.manifest.labels)
     if top_k is None:
         top_k = 1
