@@ -191,14 +191,16 @@ def write_images(folder: Path, count: int) -> int:
 
 
 def run_wrk(wrk: str, url: str, images: Path, connections: int, duration: int, label: str,
-            timeout: str | None = None, multipart: bool = False) -> tuple[dict, str, float]:
+            timeout: str | None = None, multipart: bool = False, script: Path | None = None,
+            env: dict[str, str] | None = None) -> tuple[dict, str, float]:
     """One wrk run (raw PNG bodies, or multipart forms); returns the STATUS_COUNTS record,
     wrk's stdout, and wrk's CPU seconds."""
-    cmd = [wrk, "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(LUA_SCRIPT)]
+    cmd = [wrk, "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script or LUA_SCRIPT)]
     if timeout:
         cmd += ["--timeout", timeout]
     cmd.append(url)
-    env = {**os.environ, "EXITSERVE_WRK_IMAGES": str(images), "EXITSERVE_WRK_MULTIPART": "1" if multipart else "0"}
+    env = {**os.environ, **(env or {}), "EXITSERVE_WRK_IMAGES": str(images),
+           "EXITSERVE_WRK_MULTIPART": "1" if multipart else "0"}
     cpu_before = children_cpu_seconds()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     started = time.monotonic()

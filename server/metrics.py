@@ -27,6 +27,10 @@ class Metrics:
             "exitserve_request_latency_seconds", "Wall time of a request, from arrival to response.",
             ["route", "model"], buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.refusal_latency = Histogram(
+            "exitserve_refusal_latency_seconds", "Wall time of a request refused with 503 (overload or shedding): "
+            "how fast a refusal is.", ["route"], buckets=PHASE_BUCKETS, registry=r,
+        )
         self.requests = Counter(
             "exitserve_requests_total", "Requests answered, by route and HTTP status.", ["route", "status"], registry=r
         )

@@ -74,6 +74,7 @@ class InferenceService:
         self.draining = False
         self.load_error: str | None = None
         self._large_decodes = asyncio.Semaphore(settings.max_large_decodes)
+        self._objective_ticker: asyncio.Task | None = None
         self.large_decodes_running = 0
         self.large_decodes_peak = 0
 
@@ -168,6 +169,9 @@ class InferenceService:
             self._publish_budget(engine)
             if (objective := engine.policy.objective) is not None:
                 self.metrics.latency_objective.labels(name).set(objective.objective_ms / 1000)
+        objectives = {name: e for name, e in engines.items() if e.policy.objective is not None}
+        if objectives:
+            self._objective_ticker = asyncio.get_running_loop().create_task(self._tick_objectives(objectives))
         self.ready = True
         if self.workers:
             self.workers.mark_ready(True)
@@ -176,6 +180,8 @@ class InferenceService:
         """Let queued work finish for up to ``timeout_s`` (the shutdown timeout), then stop
         the batchers, abandoning a stage still running."""
         self.draining = True
+        if self._objective_ticker is not None:
+            self._objective_ticker.cancel()
         if self.workers:
             self.workers.mark_ready(False)
         deadline = time.monotonic() + (self.settings.shutdown_timeout_s if timeout_s is None else timeout_s)
@@ -242,6 +248,18 @@ class InferenceService:
             self.metrics.slo_shed.labels(engine.name).inc()
             raise Overloaded(f"{engine.name} is at its floor budget ({objective.floor_budget:g}) and its queue "
                              f"would still miss the {objective.objective_ms:g} ms latency objective")
+
+    async def _tick_objectives(self, engines: dict[str, ModelEngine]) -> None:
+        """Latency objectives act on answers; this lets them act when answers stop coming
+        too (load gone: step back up; everything stuck: the prediction still sees the queue)."""
+        while True:
+            await asyncio.sleep(min(e.policy.objective.interval_s for e in engines.values()))
+            for name, engine in engines.items():
+                objective = engine.policy.objective
+                cap = objective.budget_cap
+                objective.tick(self.batchers[name].waiting_images)
+                if objective.budget_cap != cap:
+                    self._publish_budget(engine)
 
     def _on_batch(self, model: str, images: int, stage_ms: dict[int, float]) -> None:
         self.metrics.observe_batch(model, images, stage_ms)

@@ -168,6 +168,8 @@ class RequestMetrics:
             total = time.perf_counter() - started
             self.metrics.request_latency.labels(route, self._model(scope, named)).observe(total)
             self.metrics.requests.labels(route, str(status)).inc()
+            if status == 503:
+                self.metrics.refusal_latency.labels(route).observe(total)
             if timed is not None and 200 <= status < 300 and route == "/classify":
                 self._observe_phases(route, timed, total)
 

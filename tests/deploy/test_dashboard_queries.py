@@ -73,7 +73,8 @@ def test_dashboard_shape() -> None:
 MODEL_LABELLED = ("exitserve_request_latency_seconds", "exitserve_images_total", "exitserve_exits_total",
                   "exitserve_deadline_exits_total", "exitserve_cost_fraction_total", "exitserve_stage_latency_seconds",
                   "exitserve_batch_size", "exitserve_queue_images", "exitserve_budget", "exitserve_effective_budget",
-                  "exitserve_rejected_total", "exitserve_inference_failures_total")
+                  "exitserve_rejected_total", "exitserve_inference_failures_total", "exitserve_slo_requests_total",
+                  "exitserve_expected_accuracy", "exitserve_latency_objective_seconds")
 
 
 def test_every_selector_filters_on_the_variables() -> None:
@@ -140,7 +141,8 @@ def _finite(result: list[dict]) -> bool:
 @pytest.mark.skipif(PROMETHEUS is None, reason="Debian's prometheus is not installed (scripts/install.sh installs it)")
 def test_every_dashboard_query_has_data(served_repository: Path, tmp_path: Path) -> None:
     dashboard = render.load_dashboard()
-    settings = Settings(model_repository=served_repository, max_queue_images=MAX_QUEUE)
+    # a latency objective far above anything this traffic sees: its series exist, it never acts
+    settings = Settings(model_repository=served_repository, max_queue_images=MAX_QUEUE, latency_slo_ms=60_000)
     with live_server(settings) as url:
         target = url.removeprefix("http://")
         config = tmp_path / "prometheus.yml"

@@ -25,6 +25,7 @@ def summary(engine: ModelEngine, default: bool) -> dict[str, Any]:
         "io_binding": engine.runtime.use_binding,
         "budget": policy.default_budget,
         "effective_budget": policy.effective_budget,
+        "expected_accuracy": policy.expected_accuracy(policy.effective_budget),
         "calibrated": engine.calibration is not None,
     }
 
@@ -63,9 +64,26 @@ async def model_detail(name: str, service: Service) -> dict[str, Any]:
             ],
         }
     measured = controller.measured if (controller := engine.policy.controller) else None
+    objective = engine.policy.objective
+    objective_report = None
+    if objective is not None:
+        state = objective.state()
+        answered = objective.within + objective.missed
+        objective_report = {
+            "objective_ms": state.objective_ms,
+            "floor_budget": state.floor_budget,
+            "budget_cap": state.budget_cap,
+            "step": state.step,
+            "ladder": objective.ladder,
+            "signal_ms": None if state.signal_ms is None else round(state.signal_ms, 3),
+            "shedding": state.shedding,
+            "attainment": round(objective.within / answered, 6) if answered else None,
+            "answered": answered,
+        }
     return {
         **summary(engine, name == service.default_model),
         "measured_mean_cost": measured,
+        "latency_objective": objective_report,
         "stage_latency_ms": [round(lat.predict_ms(1), 4) for lat in engine.policy.latency],
         "manifest": public_manifest(engine),
         "calibration": calibration_summary,

@@ -1,0 +1,91 @@
+"""The latency objective on a real server under a bounded burst on loopback: the budget
+steps down while the burst lasts, answers say so, refusals (if any) are 503s with
+Retry-After, and the budget comes back once the burst is over."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.settings import Settings
+from tests.server.images import encode, fashion_images
+from tests.server.live import live_server
+
+MODEL = "msdnet_fmnist"
+OBJECTIVE_MS = 8.0  # tight enough that 48 concurrent requests on 2 cores put it at risk
+CONCURRENCY = 48
+BURST_S = 4.0
+MAX_REQUESTS = 3000
+
+
+async def burst(url: str, blobs: list[bytes]) -> tuple[list[httpx.Response], list[dict]]:
+    responses: list[httpx.Response] = []
+    states: list[dict] = []
+    stop = time.monotonic() + BURST_S
+
+    async def user(client: httpx.AsyncClient, offset: int) -> None:
+        i = offset
+        while time.monotonic() < stop and len(responses) < MAX_REQUESTS:
+            r = await client.post(f"{url}/classify", content=blobs[i % len(blobs)],
+                                  headers={"content-type": "image/png"})
+            responses.append(r)
+            i += CONCURRENCY
+
+    async def watch(client: httpx.AsyncClient) -> None:
+        while time.monotonic() < stop:
+            states.append((await client.get(f"{url}/v1/models/{MODEL}")).json())
+            await asyncio.sleep(0.2)
+
+    limits = httpx.Limits(max_connections=CONCURRENCY + 1)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+        await asyncio.gather(watch(client), *(user(client, k) for k in range(CONCURRENCY)))
+    return responses, states
+
+
+@pytest.mark.timeout(180)
+def test_budget_steps_down_under_a_burst_and_back_after(served_repository: Path) -> None:
+    pixels, _ = fashion_images(64)
+    blobs = [encode(p) for p in pixels]
+    settings = Settings(model_repository=served_repository, latency_slo_ms=OBJECTIVE_MS, online_budget=False)
+    with live_server(settings) as url:
+        before = httpx.get(f"{url}/v1/models/{MODEL}").json()
+        assert before["latency_objective"]["step"] == 0 and before["latency_objective"]["objective_ms"] == OBJECTIVE_MS
+        assert before["effective_budget"] == before["budget"]
+
+        responses, states = asyncio.run(burst(url, blobs))
+
+        statuses = {r.status_code for r in responses}
+        assert statuses <= {200, 503}, statuses
+        for r in responses:
+            if r.status_code == 503:  # shedding: only at the floor, with the protocol's hints
+                assert r.headers.get("retry-after") and r.json()["error"] == "overloaded"
+        answers = [r.json() for r in responses if r.status_code == 200]
+        assert len(answers) > 100
+        assert max(s["latency_objective"]["step"] for s in states) > 0  # it stepped down
+        lowered = [a for a in answers if a["budget_applied"] < a["budget"]]
+        assert lowered and all("latency objective" in a["budget_note"] for a in lowered)
+        assert min(s["effective_budget"] for s in states) < before["budget"]
+        assert any(s["expected_accuracy"] < before["expected_accuracy"] for s in states)  # what it cost, visible
+
+        deadline = time.monotonic() + 30  # load gone: the ticker steps it back up
+        while httpx.get(f"{url}/v1/models/{MODEL}").json()["latency_objective"]["step"] != 0:
+            assert time.monotonic() < deadline, "the budget did not come back after the burst"
+            time.sleep(0.2)
+        after = httpx.get(f"{url}/v1/models/{MODEL}").json()
+        assert after["effective_budget"] == before["budget"]
+
+        metrics = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text) for s in f.samples}
+        within = metrics.get(("exitserve_slo_requests_total", (("model", MODEL), ("outcome", "within"))), 0)
+        missed = metrics.get(("exitserve_slo_requests_total", (("model", MODEL), ("outcome", "missed"))), 0)
+        assert within + missed == len(answers)
+        assert metrics[("exitserve_latency_objective_seconds", (("model", MODEL),))] == pytest.approx(OBJECTIVE_MS / 1000)
+        assert metrics[("exitserve_effective_budget", (("model", MODEL),))] == pytest.approx(before["budget"])
+        assert metrics[("exitserve_expected_accuracy", (("model", MODEL),))] == pytest.approx(before["expected_accuracy"])
+        shed = metrics.get(("exitserve_slo_shed_total", (("model", MODEL),)), 0)
+        assert shed == sum(r.status_code == 503 for r in responses)
