@@ -75,6 +75,7 @@ class InferenceService:
         self.load_error: str | None = None
         self._large_decodes = asyncio.Semaphore(settings.max_large_decodes)
         self._objective_ticker: asyncio.Task | None = None
+        self.requests_in_flight = 0  # classify and v2 inference requests inside the app (RequestMetrics counts)
         self.large_decodes_running = 0
         self.large_decodes_peak = 0
 
@@ -234,16 +235,21 @@ class InferenceService:
         return engine.policy.thresholds_for(applied), budget
 
     # ------------------------------------------------------------------ work
-    def check_admission(self, engine: ModelEngine, images: int) -> None:
+    def check_admission(self, engine: ModelEngine, images: int, arrived: float | None = None) -> None:
         """``Overloaded`` now, before the request's body is read, when its model's queue
         cannot take ``images`` more (the batcher counts the refusal), or when the latency
-        objective is at its floor budget and the queue would still make it miss."""
+        objective is at its floor budget and the request (``arrived``: perf_counter when
+        it reached the app) would still miss it."""
         self.batchers[engine.name].check_admission(images)
-        self._check_objective(engine, images)
+        self._check_objective(engine, images, arrived)
 
-    def _check_objective(self, engine: ModelEngine, images: int) -> None:
+    def _check_objective(self, engine: ModelEngine, images: int, arrived: float | None) -> None:
         objective = engine.policy.objective
-        if objective is not None and not objective.admits(self.batchers[engine.name].waiting_images + images - 1):
+        if objective is None:
+            return
+        waited_ms = (time.perf_counter() - arrived) * 1000 if arrived is not None else 0.0
+        if not objective.admits(self.batchers[engine.name].waiting_images + images - 1, waited_ms,
+                                self.requests_in_flight):
             self.metrics.rejected.labels(engine.name).inc()
             self.metrics.slo_shed.labels(engine.name).inc()
             raise Overloaded(f"{engine.name} is at its floor budget ({objective.floor_budget:g}) and its queue "
@@ -251,12 +257,19 @@ class InferenceService:
 
     async def _tick_objectives(self, engines: dict[str, ModelEngine]) -> None:
         """Latency objectives act on answers; this lets them act when answers stop coming
-        too (load gone: step back up; everything stuck: the prediction still sees the queue)."""
+        too (load gone: step back up; everything stuck: the prediction still sees the
+        queue), and measures the event loop's lag for them: how late this timer fires is
+        how long a request that just arrived waits before the app sees it."""
+        loop = asyncio.get_running_loop()
+        interval = min(e.policy.objective.interval_s for e in engines.values())
         while True:
-            await asyncio.sleep(min(e.policy.objective.interval_s for e in engines.values()))
+            due = loop.time() + interval
+            await asyncio.sleep(interval)
+            lag_ms = (loop.time() - due) * 1000
             for name, engine in engines.items():
                 objective = engine.policy.objective
                 cap = objective.budget_cap
+                objective.observe_loop_lag(lag_ms)
                 objective.tick(self.batchers[name].waiting_images)
                 if objective.budget_cap != cap:
                     self._publish_budget(engine)
@@ -344,7 +357,7 @@ class InferenceService:
                        options: RequestOptions, arrived: float) -> BatchOutcome:
         deadline = arrived + options.deadline_ms / 1000 if options.deadline_ms else float("inf")
         batcher = self.batchers[engine.name]
-        self._check_objective(engine, 1)  # again: decoding took time, and a form may have named the model
+        self._check_objective(engine, 1, arrived)  # again: decoding took time, and a form may have named the model
         outcome = await self._queued(engine, batcher.submit(image, thresholds, deadline))
         self._account(engine, [outcome.result], options.default_budget)
         if (objective := engine.policy.objective) is not None:

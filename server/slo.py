@@ -9,13 +9,21 @@ configured budget down to a floor. Every ``interval_s`` it looks at what decides
 * the predicted latency of a request arriving now: the images waiting times the measured
   time per image at the current step, plus one batch's run,
 
-and takes the larger as the signal. Above ``high`` x the objective it steps down (two steps
-when the objective is already missed); below ``low`` x the objective for ``hold`` intervals
-in a row, and no sooner than ``cooldown_s`` after the last step down, it steps back up one.
+and takes the larger as the signal. The prediction includes the event loop's lag (how late
+a timer fires on it): under a congested loop a new request waits there before anything
+else. Latencies count from when a request reached the app, so the time the loop took to
+bring it to its route is in them. Above ``high`` x the objective it steps down (two steps
+when the objective is already missed, to the floor when missed twice over); below ``low`` x
+the objective for ``hold`` intervals in a row, and no sooner than ``cooldown_s`` after the
+last step down, it steps back up one.
 The band between ``low`` and ``high`` and the cool-down are what keep it from oscillating.
 
 Shedding comes last: ``admits`` refuses a new request only when the ladder is at its floor
-and even there the predicted latency of the queue would miss the objective.
+and even there it would miss the objective: by the queue's prediction, by how long it has
+already waited, or by Little's law (requests in the server / answers per second: the mean
+time in the server a new request can expect, held under ``SHED_MEAN`` x the objective since
+the objective is a p99). The last is what bounds the backlog a congested event loop holds,
+which the model's own queue never sees.
 
 Pure Python (no NumPy, no HTTP): the service feeds it, the policy reads its cap, the
 unit tests drive it with synthetic latency traces and a fake clock.
@@ -51,6 +59,7 @@ class LatencyObjective:
     INTERVAL_S = 0.2
     COOLDOWN_S = 2.0
     SMOOTHING = 0.2  # weight of each new batch in the time-per-image estimate
+    SHED_MEAN = 0.6  # at the floor, refuse when the expected mean time in the server passes this x the objective
 
     def __init__(self, objective_ms: float, ladder: Sequence[float], *, clock: Clock = time.monotonic,
                  interval_s: float = INTERVAL_S, cooldown_s: float = COOLDOWN_S, hold: int = HOLD) -> None:
@@ -74,8 +83,10 @@ class LatencyObjective:
         self.ms_per_image: list[float | None] = [None] * len(self.ladder)  # measured, per step
         self.run_ms: float | None = None  # one batch's run, recently
         self.signal_ms: float | None = None
+        self.loop_lag_ms = 0.0
         self.within = 0
         self.missed = 0
+        self.answer_rate: float | None = None  # answers per second, recent intervals
         self._lock = threading.Lock()  # batches are observed on the inference thread
 
     # ------------------------------------------------------------------ what it reads
@@ -108,6 +119,11 @@ class LatencyObjective:
                 current + self.SMOOTHING * (per_image - current)
             self.run_ms = run_ms if self.run_ms is None else self.run_ms + self.SMOOTHING * (run_ms - self.run_ms)
 
+    def observe_loop_lag(self, lag_ms: float) -> None:
+        """How late the event loop ran a timer just now: the wait before a new request is
+        even read, under a backlog the app cannot see."""
+        self.loop_lag_ms = max(lag_ms, 0.0)
+
     def observe_request(self, latency_ms: float, waiting_images: int) -> None:
         """A request was answered ``latency_ms`` after it arrived; ``waiting_images`` are
         queued behind it now."""
@@ -124,31 +140,45 @@ class LatencyObjective:
         if now - self.window_started < self.interval_s:
             return
         window, self.window = self.window, []
+        rate = len(window) / (now - self.window_started)
+        self.answer_rate = rate if self.answer_rate is None else 0.5 * (self.answer_rate + rate)
         self.window_started = now
-        observed = _p99(window) if window else 0.0
+        observed = _p99(window) if window else 0.0  # from when each request reached the app
         self.signal_ms = max(observed, self._predicted_ms(waiting_images))
         self._act(self.signal_ms, now)
 
-    def admits(self, waiting_images: int) -> bool:
-        """False when the ladder is at its floor and a request arriving now would still
-        miss the objective: shedding, the last resort."""
-        return not self.at_floor or self._predicted_ms(waiting_images) <= self.objective_ms
+    def admits(self, waiting_images: int, waited_ms: float = 0.0, in_flight: int = 0) -> bool:
+        """False when the ladder is at its floor and this request would still miss the
+        objective: shedding, the last resort. ``waited_ms``: how long it has already been
+        in the server (when known, it replaces the loop lag in the prediction);
+        ``in_flight``: requests in the server now, this one included."""
+        if not self.at_floor:
+            return True
+        predicted = self._predicted_ms(waiting_images)
+        if waited_ms > 0:
+            predicted += waited_ms - self.loop_lag_ms
+        if predicted > self.objective_ms:
+            return False
+        if in_flight and self.answer_rate:  # Little's law: mean time in the server for a newcomer
+            return 1000 * in_flight / self.answer_rate <= self.SHED_MEAN * self.objective_ms
+        return True
 
     # ------------------------------------------------------------------ inside
     def _predicted_ms(self, waiting_images: int) -> float:
-        """A new request's latency: the queue ahead of it at the measured time per image,
-        then its own batch's run. 0 before anything was measured."""
+        """A new request's latency: the event loop's lag, the queue ahead of it at the
+        measured time per image, then its own batch's run (0 before anything was measured)."""
         per_image = self.ms_per_image[self.step]
         if per_image is None:
             measured = [m for m in self.ms_per_image if m is not None]
             per_image = min(measured) if measured else 0.0  # a cheaper step's rate: optimistic, never refuses early
-        return waiting_images * per_image + (self.run_ms or 0.0)
+        return self.loop_lag_ms + waiting_images * per_image + (self.run_ms or 0.0)
 
     def _act(self, signal_ms: float, now: float) -> None:
         high, low = self.HIGH * self.objective_ms, self.LOW * self.objective_ms
         if signal_ms > high:
             self.calm_intervals = 0
-            steps = 2 if signal_ms > self.objective_ms else 1
+            # one step when at risk, two when missed, straight to the floor when missed twice over
+            steps = 1 if signal_ms <= self.objective_ms else 2 if signal_ms <= 2 * self.objective_ms else len(self.ladder)
             lowered = min(self.step + steps, len(self.ladder) - 1)
             if lowered != self.step:
                 self.step = lowered

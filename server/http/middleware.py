@@ -19,6 +19,13 @@ MEASURED_ROUTES = {"/classify", "/classify/batch"}
 V2_INFER = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/[^/]+)?/infer$")
 V2_INFER_ROUTE = "/v2/models/{name}/infer"  # one label, whatever the model and version: labels stay few
 RESOLVED_MODEL = "exitserve.model"  # scope key: the model a route resolved the request to
+ARRIVED = "exitserve.arrived"  # scope key: perf_counter when the request reached the app
+
+
+def arrival(scope: Scope) -> float | None:
+    """When the request reached the app (RequestMetrics, the outermost timed layer): under
+    load, the event loop may take a while to bring it from there to its route."""
+    return scope.get(ARRIVED)
 
 
 def measured_route(path: str) -> tuple[str, str | None] | None:
@@ -148,6 +155,7 @@ class RequestMetrics:
             return
         route, named = measured
         started = time.perf_counter()
+        scope[ARRIVED] = started
         status = 500
         timed = phases.start(scope) if self.phase_metrics else None
 
@@ -162,9 +170,11 @@ class RequestMetrics:
             await send(message)
             timed["send"] = timed.get("send", 0.0) + time.perf_counter() - sending
 
+        self.service.requests_in_flight += 1
         try:
             await self.app(scope, receive, capture)
         finally:
+            self.service.requests_in_flight -= 1
             total = time.perf_counter() - started
             self.metrics.request_latency.labels(route, self._model(scope, named)).observe(total)
             self.metrics.requests.labels(route, str(status)).inc()

@@ -26,7 +26,7 @@ import pytest
 from loadtest.images import encoded_test_images
 from server.settings import Settings
 from tests.deploy.ray_cluster import LocalRayCluster
-from tests.server.live import free_port, live_server
+from tests.server.live import free_port, live_server, wait_until_ready
 from tests.server.test_reliability import metric
 
 pytest.importorskip("ray.serve", reason="the 'ray' extra is not installed")
@@ -51,20 +51,6 @@ def classify(url: str, blob: bytes, timeout: float = 30.0) -> httpx.Response:
     # a new connection per request, as independent clients would open
     return httpx.post(f"{url}/classify", params=QUERY, content=blob, headers={"content-type": "image/png"},
                       timeout=timeout)
-
-
-def wait_ready(url: str, cli: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cli.poll() is not None:
-            raise AssertionError(f"exitserve serve --ray exited with {cli.returncode}:\n{cli.stdout.read()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"not ready through Serve's proxy within {timeout:g} s")
 
 
 def metrics_targets(url: str) -> list[dict]:
@@ -139,7 +125,7 @@ def test_two_nodes_serve_like_one_process_and_survive_losing_one(served_reposito
              "--model-repository", str(served_repository), "--host", "127.0.0.1", "--port", str(port),
              "--replicas", "2", "--replica-cpus", "1", "--proxy-location", "HeadOnly"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cluster.env)
-        wait_ready(url, cli, READY_TIMEOUT_S)
+        wait_until_ready(url, cli, READY_TIMEOUT_S)  # through Serve's proxy
         numbers["cluster_and_deploy_s"] = round(time.monotonic() - started, 1)
 
         # ---- every answer equals the single process's; both replicas, on two nodes, answer

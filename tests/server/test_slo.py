@@ -113,6 +113,42 @@ def test_the_queue_prediction_leads_the_observed_latency() -> None:
     assert objective.signal_ms == pytest.approx(108.0)
 
 
+def test_event_loop_lag_counts_before_the_app_sees_anything() -> None:
+    """Answers look fast and nothing waits in the model's queue, but the event loop runs
+    its timers 60 ms late: requests wait there, unseen. Step down, and at the floor shed."""
+    objective, clock = make()
+    objective.observe_batch(images=32, run_ms=8.0)
+    objective.observe_loop_lag(60.0)
+    run(objective, clock, lambda step: 5.0, seconds=3)
+    assert objective.at_floor and objective.signal_ms == pytest.approx(68.0)
+    assert not objective.admits(0)
+    objective.observe_loop_lag(1.0)
+    assert objective.admits(0)
+
+
+def test_a_request_that_already_waited_too_long_is_refused_at_the_floor() -> None:
+    objective, clock = make()
+    objective.observe_batch(images=32, run_ms=8.0)
+    run(objective, clock, lambda step: 200.0, seconds=3)
+    assert objective.at_floor
+    objective.observe_loop_lag(0.0)
+    assert objective.admits(0, waited_ms=30.0)  # 30 + 8: still holds
+    assert not objective.admits(0, waited_ms=45.0)  # 45 + 8: would miss, refuse it now
+
+
+def test_littles_law_bounds_the_requests_in_the_server_at_the_floor() -> None:
+    """2,000 answers a second: 200 requests inside the server mean ~100 ms each, over the
+    objective whatever the model's queue says; 30 mean 15 ms, under SHED_MEAN x 50 ms."""
+    objective, clock = make()
+    objective.observe_batch(images=32, run_ms=8.0)
+    run(objective, clock, lambda step: 200.0, seconds=3, per_second=2000)
+    assert objective.at_floor and objective.answer_rate == pytest.approx(2000, rel=0.02)
+    assert not objective.admits(0, in_flight=200)
+    assert objective.admits(0, in_flight=30)
+    objective.step = 0  # not at the floor: never refuse, spend less first
+    assert objective.admits(0, in_flight=10_000)
+
+
 def test_sheds_only_at_the_floor_and_only_what_would_miss() -> None:
     objective, clock = make()
     objective.observe_batch(images=32, run_ms=8.0)

@@ -20,7 +20,7 @@ from server.http import phases
 from server.engine import ModelEngine
 from server.errors import BadImage, InvalidOptions
 from server.http.errors import RequestProblem
-from server.http.middleware import record_model
+from server.http.middleware import arrival, record_model
 from server.http.routes.deps import AppSettings, Service
 from server.http.schemas import (
     BatchItem,
@@ -203,7 +203,7 @@ def admit_before_reading(request: Request, service: InferenceService, images: in
     name = request.query_params.get("model")
     engine = service.engine(name) if name is None or name in service.engines else None
     if engine is not None:
-        service.check_admission(engine, images)
+        service.check_admission(engine, images, arrival(request.scope))
 
 
 def _content_type(request: Request) -> str:
@@ -245,7 +245,8 @@ async def classify(request: Request) -> Response:
     phases.add(scope, "options", time.perf_counter() - read)
     image, decode_ms = await service.decode(data, engine)
     phases.add(scope, "decode", decode_ms / 1000)
-    outcome = await service.classify(engine, image, thresholds, options, arrived)
+    # deadlines and the latency objective count from when the request reached the app
+    outcome = await service.classify(engine, image, thresholds, options, arrival(scope) or arrived)
     answered = time.perf_counter()
     if phases.timing(scope):
         _add_outcome_phases(scope, outcome, answered)
