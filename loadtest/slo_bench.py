@@ -291,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--wrk-timeout", default="10s")
     parser.add_argument("--servers", default="plain,fixed,objective")
+    parser.add_argument("--capacity-s", type=int, default=8, help="seconds of the full-depth capacity run")
     parser.add_argument("--out", type=Path, default=Path("runs/slo_bench.json"))
     parser.add_argument("--plot", type=Path, default=Path("docs/slo_load_step.png"))
     args = parser.parse_args(argv)
@@ -305,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         plain = start("plain", args, args.port, args.out.with_suffix(".plain.log"))
         try:
             run_wrk(wrk, f"{plain.url}/classify", images, 32, 3, "capacity (warm-up)", args.wrk_timeout)
-            record, _, _ = run_wrk(wrk, f"{plain.url}/classify", images, 32, 8, "capacity", args.wrk_timeout)
+            record, _, _ = run_wrk(wrk, f"{plain.url}/classify", images, 32, args.capacity_s, "capacity",
+                                   args.wrk_timeout)
         finally:
             stop_server(plain)
         capacity = sum(n for k, n in record["status"].items() if 200 <= int(k) < 300) / record["duration_s"]

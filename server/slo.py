@@ -105,7 +105,7 @@ class LatencyObjective:
 
     def state(self) -> ObjectiveState:
         return ObjectiveState(self.objective_ms, self.floor_budget, self.budget_cap, self.step, self.signal_ms,
-                              self.at_floor and self._predicted_ms(0) > self.objective_ms)
+                              not self.admits(0))
 
     # ------------------------------------------------------------------ what it is fed
     def observe_batch(self, images: int, run_ms: float) -> None:
@@ -154,7 +154,7 @@ class LatencyObjective:
         ``in_flight``: requests in the server now, this one included."""
         if not self.at_floor:
             return True
-        predicted = self._predicted_ms(waiting_images)
+        predicted = self._predicted_ms(waiting_images, own_run=True)
         if waited_ms > 0:
             predicted += waited_ms - self.loop_lag_ms
         if predicted > self.objective_ms:
@@ -164,14 +164,18 @@ class LatencyObjective:
         return True
 
     # ------------------------------------------------------------------ inside
-    def _predicted_ms(self, waiting_images: int) -> float:
+    def _predicted_ms(self, waiting_images: int, own_run: bool = False) -> float:
         """A new request's latency: the event loop's lag, the queue ahead of it at the
-        measured time per image, then its own batch's run (0 before anything was measured)."""
+        measured time per image, then a batch's run when there is a queue or ``own_run``
+        (0 before anything was measured). For the controller an idle server's prediction
+        is its loop lag alone (the observed p99 says the rest); admission counts the
+        newcomer's own run."""
         per_image = self.ms_per_image[self.step]
         if per_image is None:
             measured = [m for m in self.ms_per_image if m is not None]
             per_image = min(measured) if measured else 0.0  # a cheaper step's rate: optimistic, never refuses early
-        return self.loop_lag_ms + waiting_images * per_image + (self.run_ms or 0.0)
+        own_batch = (self.run_ms or 0.0) if waiting_images or own_run else 0.0
+        return self.loop_lag_ms + waiting_images * per_image + own_batch
 
     def _act(self, signal_ms: float, now: float) -> None:
         high, low = self.HIGH * self.objective_ms, self.LOW * self.objective_ms

@@ -68,6 +68,19 @@ def test_steps_down_under_pressure_and_back_up_when_it_eases() -> None:
     assert first_up - calm_from >= objective.hold * objective.interval_s
 
 
+def test_when_answers_stop_the_ticks_alone_bring_it_back() -> None:
+    """The burst ends and nothing comes: ticks with an empty queue (the service's ticker)
+    must step it back up, whatever the last batch's run time was."""
+    objective, clock = make()
+    objective.observe_batch(images=32, run_ms=40.0)  # a long last batch: over LOW x the objective by itself
+    run(objective, clock, lambda step: 200.0, seconds=2)
+    assert objective.at_floor
+    for _ in range(int(30 / objective.interval_s)):
+        clock.now += objective.interval_s
+        objective.tick(waiting_images=0)
+    assert objective.step == 0
+
+
 def test_noise_inside_the_band_moves_nothing() -> None:
     objective, clock = make()
     rng = random.Random(1)
@@ -120,7 +133,7 @@ def test_event_loop_lag_counts_before_the_app_sees_anything() -> None:
     objective.observe_batch(images=32, run_ms=8.0)
     objective.observe_loop_lag(60.0)
     run(objective, clock, lambda step: 5.0, seconds=3)
-    assert objective.at_floor and objective.signal_ms == pytest.approx(68.0)
+    assert objective.at_floor and objective.signal_ms == pytest.approx(60.0)
     assert not objective.admits(0)
     objective.observe_loop_lag(1.0)
     assert objective.admits(0)

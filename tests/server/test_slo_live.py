@@ -65,7 +65,7 @@ def test_budget_steps_down_under_a_burst_and_back_after(served_repository: Path)
             if r.status_code == 503:  # shedding: only at the floor, with the protocol's hints
                 assert r.headers.get("retry-after") and r.json()["error"] == "overloaded"
         answers = [r.json() for r in responses if r.status_code == 200]
-        assert len(answers) > 100
+        assert len(responses) > 100 and len(answers) >= 20
         assert max(s["latency_objective"]["step"] for s in states) > 0  # it stepped down
         lowered = [a for a in answers if a["budget_applied"] < a["budget"]]
         assert lowered and all("latency objective" in a["budget_note"] for a in lowered)
