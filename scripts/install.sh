@@ -6,7 +6,7 @@ SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 need_apt=()
 [ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
 [ -n "${EXITSERVE_SKIP_PROMETHEUS:-}" ] || command -v prometheus >/dev/null || need_apt+=(prometheus)
-command -v wrk >/dev/null || need_apt+=(wrk)  # the benchmarks' throughput client (loadtest.wrk_bench, .breakdown)
+[ -n "${EXITSERVE_SKIP_WRK:-}" ] || command -v wrk >/dev/null || need_apt+=(wrk)  # the benchmarks' client
 if [ ${#need_apt[@]} -gt 0 ]; then
     $SUDO apt-get update -qq || true
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
