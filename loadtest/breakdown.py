@@ -27,13 +27,21 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from urllib.request import urlopen
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.overload import launch, process_cpu_seconds, require_wrk, run_wrk, start_server, stop_server, write_images
+from loadtest.overload import (
+    WrkRun,
+    launch,
+    measured_wrk,
+    require_wrk,
+    run_wrk,
+    start_server,
+    stop_server,
+    write_images,
+)
 from server.http.phases import FRAMEWORK, PARTITION
 
 PHASE_METRIC = "exitserve_request_phase_seconds"
@@ -82,14 +90,11 @@ def measure_exitserve(args: argparse.Namespace, wrk: str, images: Path, log: Pat
         for multipart in (False, True):
             for c in args.concurrency:
                 label = f"exitserve {'multipart' if multipart else 'raw body'} C={c}"
-                before, cpu_before, wall_before = phase_totals(server.url), process_cpu_seconds(server.pid), \
-                    time.monotonic()
-                record, _, client_cpu = run_wrk(wrk, url, images, c, args.duration, label, args.wrk_timeout,
-                                                multipart=multipart)
-                wall = time.monotonic() - wall_before
-                server_cpu = process_cpu_seconds(server.pid) - cpu_before
+                before = phase_totals(server.url)
+                run = measured_wrk(wrk, server, url, images, c, args.duration, label, args.wrk_timeout,
+                                   multipart=multipart)
                 means, timed = phase_means_ms(before, phase_totals(server.url))
-                rows.append(row(label, c, record, wall, client_cpu, server_cpu, means, timed))
+                rows.append(row(label, c, run, means, timed))
     finally:
         stop_server(server)
     return rows
@@ -105,24 +110,20 @@ def measure_noop(args: argparse.Namespace, wrk: str, images: Path, log: Path) ->
         url = f"{server.url}/noop"
         run_wrk(wrk, url, images, max(args.concurrency), WARMUP_S, "no-op (warm-up)", args.wrk_timeout)
         for c in args.concurrency:
-            cpu_before, wall_before = process_cpu_seconds(server.pid), time.monotonic()
-            record, _, client_cpu = run_wrk(wrk, url, images, c, args.duration, f"no-op C={c}", args.wrk_timeout)
-            wall = time.monotonic() - wall_before
-            rows.append(row(f"no-op route C={c}", c, record, wall, client_cpu,
-                            process_cpu_seconds(server.pid) - cpu_before, {}, 0))
+            run = measured_wrk(wrk, server, url, images, c, args.duration, f"no-op C={c}", args.wrk_timeout)
+            rows.append(row(f"no-op route C={c}", c, run, {}, 0))
     finally:
         stop_server(server)
     return rows
 
 
-def row(label: str, concurrency: int, record: dict, wall: float, client_cpu: float, server_cpu: float,
-        phases: dict[str, float], timed: int) -> dict:
-    duration = record["duration_s"] or wall
-    ok = sum(n for code, n in record["status"].items() if 200 <= int(code) < 300)
-    return {"configuration": label, "concurrency": concurrency, "requests": record["requests"],
-            "ok_per_s": ok / duration, "non_2xx": record["requests"] - ok, "latency_ms": record["latency_ms"],
-            "client_cpu_pct": 100 * client_cpu / wall, "server_cpu_pct": 100 * server_cpu / wall,
-            "server_cpu_ms_per_request": 1000 * server_cpu / max(ok, 1),
+def row(label: str, concurrency: int, run: WrkRun, phases: dict[str, float], timed: int) -> dict:
+    summary = run.summary()
+    return {"configuration": label, "concurrency": concurrency, "requests": summary["requests"],
+            "ok_per_s": summary["ok_per_s"], "non_2xx": summary["requests"] - run.ok,
+            "latency_ms": summary["latency_ms"], "client_cpu_pct": summary["client_cpu_pct"],
+            "server_cpu_pct": summary["server_cpu_pct"],
+            "server_cpu_ms_per_request": 1000 * run.server_cpu / max(run.ok, 1),
             "phases_ms": phases, "timed_requests": timed}
 
 

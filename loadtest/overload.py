@@ -221,6 +221,60 @@ def run_wrk(wrk: str, url: str, images: Path, connections: int, duration: int, l
     return record, output, cpu
 
 
+@dataclass
+class WrkRun:
+    """One measured wrk run: wrk's record and output, and the CPU both sides spent over it."""
+
+    record: dict
+    output: str
+    client_cpu: float
+    server_cpu: float
+    wall: float
+
+    @property
+    def duration(self) -> float:
+        return self.record["duration_s"] or self.wall
+
+    @property
+    def status(self) -> dict[int, int]:
+        return {int(code): n for code, n in self.record["status"].items()}
+
+    @property
+    def ok(self) -> int:
+        """2xx responses."""
+        return sum(n for code, n in self.status.items() if 200 <= code < 300)
+
+    @property
+    def socket_errors(self) -> dict[str, int]:
+        return {k: v for k, v in self.record["errors"].items() if k != "status" and v}
+
+    def summary(self) -> dict:
+        """What every report of a wrk run says."""
+        return {
+            "duration_s": self.duration,
+            "requests": self.record["requests"],
+            "status_counts": {str(code): n for code, n in sorted(self.status.items())},
+            "ok_per_s": self.ok / self.duration,
+            "socket_errors": self.socket_errors,
+            "latency_ms": self.record["latency_ms"],
+            "client_cpu_s": self.client_cpu,
+            "client_cpu_pct": 100 * self.client_cpu / self.wall,
+            "server_cpu_s": self.server_cpu,
+            "server_cpu_pct": 100 * self.server_cpu / self.wall,
+            "wall_s": self.wall,
+            "wrk_output": self.output,
+        }
+
+
+def measured_wrk(wrk: str, server: Server, url: str, images: Path, connections: int, duration: int, label: str,
+                 timeout: str | None = None, **options) -> WrkRun:
+    """``run_wrk`` (``options``: multipart, script, env) with the server's CPU over the run."""
+    cpu_before, wall_before = process_cpu_seconds(server.pid), time.monotonic()
+    record, output, client_cpu = run_wrk(wrk, url, images, connections, duration, label, timeout, **options)
+    wall = time.monotonic() - wall_before
+    return WrkRun(record, output, client_cpu, process_cpu_seconds(server.pid) - cpu_before, wall)
+
+
 # --------------------------------------------------------------------------- one configuration
 
 
@@ -232,39 +286,20 @@ def measure(name: str, env: dict[str, str | None], args: argparse.Namespace, wrk
         url = f"{server.url}/classify{url_query}"
         if args.warmup > 0:
             run_wrk(wrk, url, images, args.connections, args.warmup, f"{name} (warm-up)", args.wrk_timeout)
-        server_cpu_before, wall_before = process_cpu_seconds(server.pid), time.monotonic()
-        record, output, client_cpu = run_wrk(wrk, url, images, args.connections, args.duration, name,
-                                             args.wrk_timeout)
-        wall = time.monotonic() - wall_before
-        server_cpu = process_cpu_seconds(server.pid) - server_cpu_before
+        run = measured_wrk(wrk, server, url, images, args.connections, args.duration, name, args.wrk_timeout)
     finally:
         exit_status = stop_server(server)
-    duration = record["duration_s"] or wall
-    status = {int(code): n for code, n in record["status"].items()}
-    ok = sum(n for code, n in status.items() if 200 <= code < 300)
-    rejected = status.get(503, 0)
-    other = {str(code): n for code, n in sorted(status.items()) if not (200 <= code < 300 or code == 503)}
-    socket_errors = {k: v for k, v in record["errors"].items() if k != "status" and v}
+    status = run.status
     return {
         "configuration": name,
         "env": {k: v for k, v in env.items() if v is not None},
         "url": url,
         "connections": args.connections,
-        "duration_s": duration,
-        "requests": record["requests"],
-        "status_counts": {str(code): n for code, n in sorted(status.items())},
-        "ok_per_s": ok / duration,
-        "rejected_503_per_s": rejected / duration,
-        "other_statuses": other,
-        "socket_errors": socket_errors,
-        "latency_ms": record["latency_ms"],
-        "client_cpu_s": client_cpu,
-        "client_cpu_pct": 100 * client_cpu / wall,
-        "server_cpu_s": server_cpu,
-        "server_cpu_pct": 100 * server_cpu / wall,
-        "wall_s": wall,
+        **run.summary(),
+        "rejected_503_per_s": status.get(503, 0) / run.duration,
+        "other_statuses": {str(code): n for code, n in sorted(status.items())
+                           if not (200 <= code < 300 or code == 503)},
         "server_exit_status": exit_status,
-        "wrk_output": output,
     }
 
 

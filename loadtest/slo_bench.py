@@ -35,7 +35,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.overload import (
     Server,
+    WrkRun,
     launch,
+    measured_wrk,
     require_wrk,
     run_wrk,
     start_server,
@@ -140,14 +142,14 @@ def start(kind: str, args: argparse.Namespace, port: int, log: Path) -> Server:
 
 
 def paced(wrk: str, server: Server, path: str, images: Path, rate: float, args: argparse.Namespace,
-          label: str, duration: int | None = None) -> dict:
+          label: str, duration: int | None = None) -> tuple[WrkRun, float]:
+    """One paced run, and the share of its responses within the objective."""
     env = {"EXITSERVE_WRK_RATE": f"{rate:.3f}", "EXITSERVE_WRK_OBJECTIVE_MS": str(args.objective_ms)}
-    record, output, client_cpu = run_wrk(wrk, f"{server.url}{path}", images, args.connections,
-                                         duration or args.duration, label, args.wrk_timeout, script=PACED_SCRIPT,
-                                         env=env)
-    within = next(json.loads(line[len(WITHIN_MARKER):]) for line in output.splitlines()
+    run = measured_wrk(wrk, server, f"{server.url}{path}", images, args.connections, duration or args.duration,
+                       label, args.wrk_timeout, script=PACED_SCRIPT, env=env)
+    within = next(json.loads(line[len(WITHIN_MARKER):]) for line in run.output.splitlines()
                   if line.startswith(WITHIN_MARKER))
-    return {"record": record, "within_share": within["share"], "client_cpu_s": client_cpu}
+    return run, within["share"]
 
 
 def measure(kind: str, args: argparse.Namespace, wrk: str, images: Path, capacity: float, port: int,
@@ -161,9 +163,9 @@ def measure(kind: str, args: argparse.Namespace, wrk: str, images: Path, capacit
             rate = m * capacity
             before = scrape(server.url) if kind != "plain" else {}
             with Sampler(server.url, args.model) if kind != "plain" else _nothing() as sampler:
-                run = paced(wrk, server, path, images, rate, args, f"{kind} at {m}x ({rate:.0f}/s)")
+                run, within_share = paced(wrk, server, path, images, rate, args, f"{kind} at {m}x ({rate:.0f}/s)")
             after = scrape(server.url) if kind != "plain" else {}
-            rows.append(summarise(kind, m, rate, run, before, after, sampler, args))
+            rows.append(summarise(kind, m, rate, run, within_share, before, after, sampler, args))
     finally:
         stop_server(server)
     return rows
@@ -177,12 +179,9 @@ class _nothing:
         return None
 
 
-def summarise(kind: str, m: float, rate: float, run: dict, before: dict, after: dict, sampler: Sampler | None,
-              args: argparse.Namespace) -> dict:
-    record = run["record"]
-    duration = record["duration_s"]
-    status = {int(k): n for k, n in record["status"].items()}
-    ok = sum(n for k, n in status.items() if 200 <= k < 300)
+def summarise(kind: str, m: float, rate: float, run: WrkRun, within_share: float, before: dict, after: dict,
+              sampler: Sampler | None, args: argparse.Namespace) -> dict:
+    record, duration, status, ok = run.record, run.duration, run.status, run.ok
     refused = status.get(503, 0)
     answered = sum(status.values())
     refusal_p99 = refusal_max = None
@@ -198,14 +197,14 @@ def summarise(kind: str, m: float, rate: float, run: dict, before: dict, after: 
             (value(before, "exitserve_cost_fraction_total", model=args.model) or 0)
         mean_cost = cost / images if images else None
     # every 503 was refused within the objective (refusal_max says so); the rest within it are answers
-    good = max(run["within_share"] * answered - refused, 0)
+    good = max(within_share * answered - refused, 0)
     return {
         "server": kind, "multiplier": m, "offered_per_s": rate, "duration_s": duration,
         "achieved_2xx_per_s": ok / duration, "refused_503": refused, "refused_per_s": refused / duration,
         "other_status": {str(k): n for k, n in status.items() if not (200 <= k < 300 or k == 503)},
-        "socket_errors": {k: v for k, v in record["errors"].items() if k != "status" and v},
+        "socket_errors": run.socket_errors,
         "p99_ms": record["latency_ms"]["p99"], "p50_ms": record["latency_ms"]["p50"],
-        "goodput_per_s": good / duration, "within_share": run["within_share"],
+        "goodput_per_s": good / duration, "within_share": within_share,
         "refusal_p99_ms": refusal_p99, "refusal_max_ms": refusal_max,
         "effective_budget": sampler.mean("effective_budget") if sampler else 1.0,
         "min_effective_budget": min((s["effective_budget"] for s in sampler.samples
@@ -258,7 +257,7 @@ def plot(samples: list[dict], objective_ms: float, out: Path) -> None:
 
 
 def markdown(rows: list[dict], capacity: float, args: argparse.Namespace) -> str:
-    names = {"plain": "plain server (full depth)", "fixed": f"exitserve, fixed default budget",
+    names = {"plain": "plain server (full depth)", "fixed": "exitserve, fixed default budget",
              "objective": f"exitserve, {args.objective_ms:g} ms objective"}
     lines = [f"Full-depth capacity (plain server, closed-loop wrk C=32): **{capacity:.0f} req/s**; objective "
              f"{args.objective_ms:g} ms; paced wrk, {args.connections} connections, {args.duration} s per row.", "",
@@ -306,11 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         plain = start("plain", args, args.port, args.out.with_suffix(".plain.log"))
         try:
             run_wrk(wrk, f"{plain.url}/classify", images, 32, 3, "capacity (warm-up)", args.wrk_timeout)
-            record, _, _ = run_wrk(wrk, f"{plain.url}/classify", images, 32, args.capacity_s, "capacity",
-                                   args.wrk_timeout)
+            run = measured_wrk(wrk, plain, f"{plain.url}/classify", images, 32, args.capacity_s, "capacity",
+                               args.wrk_timeout)
         finally:
             stop_server(plain)
-        capacity = sum(n for k, n in record["status"].items() if 200 <= int(k) < 300) / record["duration_s"]
+        capacity = run.ok / run.duration
         rows: list[dict] = []
         for i, kind in enumerate(k.strip() for k in args.servers.split(",")):
             rows += measure(kind, args, wrk, images, capacity, args.port + 1 + i,

@@ -44,9 +44,10 @@ from urllib.parse import urlencode
 from exitserve.repository.format import DEFAULT_BUDGET
 from loadtest.overload import (
     Server,
+    WrkRun,
     _descendants,
     launch,
-    process_cpu_seconds,
+    measured_wrk,
     require_wrk,
     run_wrk,
     start_server,
@@ -148,32 +149,16 @@ def start_target(target: Target, args: argparse.Namespace, port: int, log: Path)
     raise ValueError(target.kind)
 
 
-def summarise(target: Target, concurrency: int, record: dict, output: str, client_cpu: float,
-              server_cpu: float, wall: float) -> dict:
-    duration = record["duration_s"] or wall
-    status = {int(code): n for code, n in record["status"].items()}
-    ok = sum(n for code, n in status.items() if 200 <= code < 300)
-    non_2xx = {str(code): n for code, n in sorted(status.items()) if not 200 <= code < 300}
-    socket_errors = {k: v for k, v in record["errors"].items() if k != "status" and v}
+def summarise(target: Target, concurrency: int, run: WrkRun) -> dict:
+    non_2xx = {str(code): n for code, n in sorted(run.status.items()) if not 200 <= code < 300}
     return {
         "key": target.key,
         "configuration": target.name,
         "route": target.route,
         "concurrency": concurrency,
-        "duration_s": duration,
-        "requests": record["requests"],
-        "status_counts": {str(code): n for code, n in sorted(status.items())},
-        "ok_per_s": ok / duration,
+        **run.summary(),
         "non_2xx": sum(non_2xx.values()),
         "non_2xx_by_status": non_2xx,
-        "socket_errors": socket_errors,
-        "latency_ms": record["latency_ms"],
-        "client_cpu_s": client_cpu,
-        "client_cpu_pct": 100 * client_cpu / wall,
-        "server_cpu_s": server_cpu,
-        "server_cpu_pct": 100 * server_cpu / wall,
-        "wall_s": wall,
-        "wrk_output": output,
     }
 
 
@@ -186,11 +171,8 @@ def measure_target(target: Target, args: argparse.Namespace, wrk: str, images: P
         run_wrk(wrk, url, images, max(args.concurrency), WARMUP_S, f"{target.name} (warm-up)", args.wrk_timeout)
         for c in args.concurrency:
             label = f"{target.name} C={c}"
-            cpu_before, wall_before = process_cpu_seconds(server.pid), time.monotonic()
-            record, output, client_cpu = run_wrk(wrk, url, images, c, args.duration, label, args.wrk_timeout)
-            wall = time.monotonic() - wall_before
-            server_cpu = process_cpu_seconds(server.pid) - cpu_before
-            rows.append(summarise(target, c, record, output, client_cpu, server_cpu, wall))
+            run = measured_wrk(wrk, server, url, images, c, args.duration, label, args.wrk_timeout)
+            rows.append(summarise(target, c, run))
             if server.proc.poll() is not None:
                 raise RuntimeError(f"{target.name} died during the run:\n{server.log_tail()}")
     finally:
