@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -171,18 +171,23 @@ def exitserve_server(repository: Path, log: Path) -> Iterator[str]:
         stop_server(server)
 
 
-def prometheus_config(target: str, scrape_interval: str = "1s") -> str:
-    return (f"global:\n  scrape_interval: {scrape_interval}\n  evaluation_interval: {scrape_interval}\n"
-            f"scrape_configs:\n  - job_name: {JOB}\n    static_configs:\n      - targets: ['{target}']\n")
+def prometheus_config(target: str, scrape_interval: str = "1s", rule_files: Sequence[Path] = ()) -> str:
+    config = (f"global:\n  scrape_interval: {scrape_interval}\n  evaluation_interval: {scrape_interval}\n"
+              f"scrape_configs:\n  - job_name: {JOB}\n    static_configs:\n      - targets: ['{target}']\n")
+    if rule_files:
+        config += "rule_files:\n" + "".join(f"  - '{path}'\n" for path in rule_files)
+    return config
 
 
 @contextmanager
-def prometheus(target: str, workdir: Path, scrape_interval: str = "1s") -> Iterator[str]:
+def prometheus(target: str, workdir: Path, scrape_interval: str = "1s",
+               rule_files: Sequence[Path] = ()) -> Iterator[str]:
+    """A Prometheus scraping ``target`` (and evaluating ``rule_files``) until the block ends."""
     binary = shutil.which("prometheus")
     if binary is None:
         raise RuntimeError("prometheus is not on PATH (apt-get install prometheus)")
     config = workdir / "prometheus.yml"
-    config.write_text(prometheus_config(target, scrape_interval))
+    config.write_text(prometheus_config(target, scrape_interval, rule_files))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = launch([binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",

@@ -15,10 +15,9 @@ import httpx
 import pytest
 import yaml
 
-from loadtest.overload import launch, stop_server
 from server.settings import Settings
 from tests.server.images import encode, fashion_images
-from tests.server.live import free_port, live_server
+from tests.server.live import live_server
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -145,15 +144,8 @@ def test_every_dashboard_query_has_data(served_repository: Path, tmp_path: Path)
     settings = Settings(model_repository=served_repository, max_queue_images=MAX_QUEUE, latency_slo_ms=60_000)
     with live_server(settings) as url:
         target = url.removeprefix("http://")
-        config = tmp_path / "prometheus.yml"
         # the alert rules are loaded too: Prometheus must evaluate them without error
-        config.write_text(render.prometheus_config(target) + f"rule_files:\n  - '{ALERTS}'\n")
-        port = free_port()
-        api = f"http://127.0.0.1:{port}"
-        prom = launch([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-                       f"--web.listen-address=127.0.0.1:{port}"], api, "/-/ready", {}, tmp_path / "prometheus.log",
-                      "prometheus", 60)
-        try:
+        with render.prometheus(target, tmp_path, rule_files=[ALERTS]) as api:
             render.wait_for_scrape(api)
             # two rounds a few scrapes apart: a series born in a scrape with its final value has
             # no increase to rate(), and a fast machine sends one round between two scrapes
@@ -233,5 +225,3 @@ def test_every_dashboard_query_has_data(served_repository: Path, tmp_path: Path)
                 assert time.monotonic() < deadline, loaded
                 time.sleep(0.5)
             assert {r["name"] for r in loaded} == {r["alert"] for g in rules["groups"] for r in g["rules"]}
-        finally:
-            stop_server(prom)
