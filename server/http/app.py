@@ -27,8 +27,11 @@ log = logging.getLogger("exitserve")
 METRICS_TARGETS_PATH = "/ray/metrics-targets"
 
 
-def create_app(settings: Settings | None = None, workers: WorkerGroup | None = None) -> FastAPI:
-    """The app for ``settings``; ``workers``: this process's place among several on one port."""
+def create_app(settings: Settings | None = None, workers: WorkerGroup | None = None, *,
+               identity: dict[str, str] | None = None, request_id_header: bool = True) -> FastAPI:
+    """The app for ``settings``; ``workers``: this process's place among several on one port;
+    ``identity``: more headers that say who answered (a Ray Serve replica and node);
+    ``request_id_header=False`` when a proxy in front adds ``X-Request-ID`` itself."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -80,9 +83,10 @@ def create_app(settings: Settings | None = None, workers: WorkerGroup | None = N
                            allow_headers=["*"], expose_headers=["X-Request-ID"])
     app.add_middleware(RequestMetrics, metrics=metrics, service=app.state.service,
                        phase_metrics=settings.phase_metrics)
-    app.add_middleware(RequestIdMiddleware)
-    if workers:
-        app.add_middleware(IdentityHeader, headers={"x-exitserve-worker": str(workers.index)})
+    app.add_middleware(RequestIdMiddleware, send_header=request_id_header)
+    who = {"x-exitserve-worker": str(workers.index)} if workers else {}
+    if who or identity:
+        app.add_middleware(IdentityHeader, headers={**who, **(identity or {})})
     return app
 
 

@@ -39,10 +39,8 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.experimental import internal_kv
 from ray.serve.config import AutoscalingConfig
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.http.app import METRICS_TARGETS_PATH, create_app
-from server.http.middleware import IdentityHeader
 from server.http.security import configure_logging
 from server.settings import Settings, default_intra_op_threads
 
@@ -120,10 +118,9 @@ class ExitserveReplica:
                  self.node, self.node_ip, cpus, self.settings.intra_op_threads)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        app = create_app(self.settings)
-        app.add_middleware(IdentityHeader, headers={"x-exitserve-replica": self.replica.unique_id,
-                                                    "x-exitserve-node": self.node})
-        app.add_middleware(WithoutResponseHeader, name=b"x-request-id")
+        # Serve's proxy adds X-Request-ID itself, with the id it passed on in the request
+        app = create_app(self.settings, identity={"x-exitserve-replica": self.replica.unique_id,
+                                                  "x-exitserve-node": self.node}, request_id_header=False)
         app.include_router(metrics_targets_router())
         app.router.lifespan_context = self._serving_when_warm(app.router.lifespan_context)
         self._service = app.state.service
@@ -175,28 +172,6 @@ def start_metrics_listener(registry: CollectorRegistry, addr: str, first_port: i
             if exc.errno != errno.EADDRINUSE:
                 raise
     raise OSError(errno.EADDRINUSE, f"no free metrics port in {first_port}-{first_port + METRICS_PORTS - 1}")
-
-
-class WithoutResponseHeader:
-    """Drops a response header: Serve's proxy adds ``X-Request-ID`` itself, with the id the
-    app was given (it passes it on in the request), so the app's own copy would repeat it."""
-
-    def __init__(self, app: ASGIApp, name: bytes) -> None:
-        self.app = app
-        self.name = name
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def without(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [(k, v) for k, v in message.get("headers", [])
-                                                  if k.lower() != self.name]}
-            await send(message)
-
-        await self.app(scope, receive, without)
 
 
 def live_metrics_targets() -> list[dict[str, Any]]:

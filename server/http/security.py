@@ -74,8 +74,11 @@ class RequestIdMiddleware:
     ``request_id_var`` for the duration of the request (so log lines carry it) and into
     the response's ``x-request-id`` header."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, send_header: bool = True) -> None:
+        """``send_header=False`` behind a proxy that sets the response header itself (Ray
+        Serve's passes the id it chose in the request and adds it to the response)."""
         self.app = app
+        self.send_header = send_header
 
     @staticmethod
     def _choose(scope: Scope) -> str:
@@ -107,7 +110,7 @@ class RequestIdMiddleware:
 
         token = request_id_var.set(rid)
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, send_with_id if self.send_header else send)
         finally:
             request_id_var.reset(token)
 
