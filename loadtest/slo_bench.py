@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from urllib.request import urlopen
 
@@ -162,21 +163,13 @@ def measure(kind: str, args: argparse.Namespace, wrk: str, images: Path, capacit
         for m in MULTIPLIERS:
             rate = m * capacity
             before = scrape(server.url) if kind != "plain" else {}
-            with Sampler(server.url, args.model) if kind != "plain" else _nothing() as sampler:
+            with Sampler(server.url, args.model) if kind != "plain" else nullcontext() as sampler:
                 run, within_share = paced(wrk, server, path, images, rate, args, f"{kind} at {m}x ({rate:.0f}/s)")
             after = scrape(server.url) if kind != "plain" else {}
             rows.append(summarise(kind, m, rate, run, within_share, before, after, sampler, args))
     finally:
         stop_server(server)
     return rows
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def summarise(kind: str, m: float, rate: float, run: WrkRun, within_share: float, before: dict, after: dict,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.slo_bench import scrape
 from server.settings import Settings
 from tests.server.images import encode, fashion_images
 from tests.server.live import live_server
@@ -79,8 +79,7 @@ def test_budget_steps_down_under_a_burst_and_back_after(served_repository: Path)
         after = httpx.get(f"{url}/v1/models/{MODEL}").json()
         assert after["effective_budget"] == before["budget"]
 
-        metrics = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text) for s in f.samples}
+        metrics = scrape(url)
         within = metrics.get(("exitserve_slo_requests_total", (("model", MODEL), ("outcome", "within"))), 0)
         missed = metrics.get(("exitserve_slo_requests_total", (("model", MODEL), ("outcome", "missed"))), 0)
         assert within + missed == len(answers)
