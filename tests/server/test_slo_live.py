@@ -17,7 +17,7 @@ from tests.server.images import encode, fashion_images
 from tests.server.live import live_server
 
 MODEL = "msdnet_fmnist"
-OBJECTIVE_MS = 8.0  # tight enough that 48 concurrent requests on 2 cores put it at risk
+OBJECTIVE_MS = 30.0  # 48 concurrent requests on 2 cores put it at risk; over one batch's run, so the floor still answers
 CONCURRENCY = 48
 BURST_S = 4.0
 MAX_REQUESTS = 3000
