@@ -1,6 +1,9 @@
 """The ``exitserve`` command. Each subcommand imports its package lazily, so ``serve``
 never pulls in PyTorch and ``--help`` stays fast: building the options imports only
-torch-free modules (the training config, the repository contract)."""
+torch-free modules (the training config, the repository contract).
+
+A user's mistake (a missing file, a bad option) is an ``ExitserveError``: its message on one
+line and exit status 2. Anything else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -11,8 +14,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from exitserve.errors import ConfigurationError, ExitserveError
+
 if TYPE_CHECKING:
-    from models.checkpoint import ExitRecord
+    from exitserve.models.checkpoint import ExitRecord
 
 _CHECKOUT = Path(__file__).resolve().parents[1]
 # the committed default model: beside the package in a checkout, else relative to the cwd
@@ -35,7 +40,7 @@ def _float_list(text: str) -> list[float]:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from models.train_config import TrainConfig  # not models.train: that imports torch
+    from exitserve.models.train_config import TrainConfig  # not models.train: that imports torch
 
     d = TrainConfig()
     p = sub.add_parser("train", help="train a multi-exit model with the joint exit loss")
@@ -67,7 +72,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from models.train import TrainConfig, train
+    from exitserve.models.train import TrainConfig, train
 
     fields = TrainConfig.__dataclass_fields__
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
@@ -85,9 +90,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from models.checkpoint import load_checkpoint, model_from_checkpoint
-    from models.data import load_splits
-    from models.evaluate import exit_accuracies
+    from exitserve.models.checkpoint import load_checkpoint, model_from_checkpoint
+    from exitserve.models.data import load_splits
+    from exitserve.models.evaluate import exit_accuracies
 
     checkpoint = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(checkpoint)
@@ -131,7 +136,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from exporter.export import export_repository
+    from exitserve.exporter.export import export_repository
 
     manifest, parity = export_repository(
         args.checkpoint, args.out, data_dir=args.data_dir, parity_images=args.parity_images,
@@ -159,7 +164,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from exporter.calibrate import calibrate_repository
+    from exitserve.exporter.calibrate import calibrate_repository
 
     calibration, report = calibrate_repository(args.repository, rule=args.rule, data_dir=args.data_dir,
                                                report=args.report)
@@ -205,20 +210,29 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from server.http.serving import serve
-    from server.settings import DEFAULT_MODEL, Settings
+    from pydantic import ValidationError
+
+    from exitserve.server.http.serving import serve
+    from exitserve.server.settings import DEFAULT_MODEL, Settings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "default_budget": args.default_budget,
                                    "model_repository": args.model_repository, "workers": args.workers}.items()
                  if v is not None}
-    settings = Settings(**overrides)
+    try:  # options and EXITSERVE_* variables
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigurationError(str(exc)) from None
     if args.model_repository is None:
         _ensure_default_repository(settings.model_repository / DEFAULT_MODEL)
     if args.ray is not None:
-        from server.http.ray_serve import RayOptions, run  # imports ray: only when asked for
+        from exitserve.server.deployments.ray_serve import RayOptions, run  # imports ray: only when asked for
 
-        options = RayOptions(replicas=args.replicas, max_replicas=args.max_replicas, replica_cpus=args.replica_cpus,
-                             proxy_location=args.proxy_location, metrics_port=args.replica_metrics_port)
+        try:
+            options = RayOptions(replicas=args.replicas, max_replicas=args.max_replicas,
+                                 replica_cpus=args.replica_cpus, proxy_location=args.proxy_location,
+                                 metrics_port=args.replica_metrics_port)
+        except ValidationError as exc:
+            raise ConfigurationError(str(exc)) from None
         return run(args.ray, settings, options, args.log_level)
     return serve(settings, args.log_level)
 
@@ -229,8 +243,8 @@ def _ensure_default_repository(folder) -> None:
         return
     print(f"{folder} is missing: exporting and calibrating {DEFAULT_CHECKPOINT} (once, about a minute)",
           file=sys.stderr)
-    from exporter.calibrate import calibrate_repository
-    from exporter.export import export_repository
+    from exitserve.exporter.calibrate import calibrate_repository
+    from exitserve.exporter.export import export_repository
 
     export_repository(DEFAULT_CHECKPOINT, folder, overwrite=True)
     calibrate_repository(folder, report=True)
@@ -242,29 +256,10 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    print("\n".join(registered_builders()))
+    from exitserve.models.registry import list_models  # the registry itself: needs PyTorch
+
+    print("\n".join(list_models()))
     return 0
-
-
-def registered_builders() -> list[str]:
-    """The names ``@register_model`` registers, read from the family modules' source: the
-    same list as ``models.registry.list_models()``, without importing PyTorch, so a
-    serving-only install can answer too."""
-    import ast
-    import importlib.util
-
-    from models import FAMILY_MODULES
-
-    spec = importlib.util.find_spec("models")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    names = []
-    for family in FAMILY_MODULES:
-        tree = ast.parse((folder / f"{family}.py").read_text())
-        for node in tree.body:
-            if isinstance(node, ast.FunctionDef) and any(
-                    isinstance(d, ast.Name) and d.id == "register_model" for d in node.decorator_list):
-                names.append(node.name)
-    return sorted(names)
 
 
 EXTRA_OF = {"torch": "train", "onnx": "train", "matplotlib": "train", "ray": "ray"}
@@ -294,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"exitserve {args.command}: needs the '{EXTRA_OF[root]}' extra ({root} is not installed): "
               f"pip install 'exitserve[{EXTRA_OF[root]}]'", file=sys.stderr)
         return 2
-    except (ValueError, KeyError, FileNotFoundError, TypeError, RuntimeError, OSError) as exc:
+    except ExitserveError as exc:  # a user's mistake, said in its message; anything else is a bug
         print(f"exitserve {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -46,8 +46,8 @@ from exitserve.repository.format import (
     write_json,
 )
 from exitserve.repository.runtime import StagedModel
-from exporter.exit_table import ExitTable, exit_table
-from models.data import SPLIT_SEED, ImageDataset, load_splits
+from exitserve.exporter.exit_table import ExitTable, exit_table
+from exitserve.models.data import SPLIT_SEED, ImageDataset, load_splits
 
 GEOMETRIC_RATIOS = np.round(np.arange(0.02, 2.0, 0.02), 4)
 QUANTILES = np.linspace(0.0, 1.0, 101)
@@ -258,7 +258,7 @@ def calibrate_repository(folder: str | Path, *, rule: ConfidenceRule = DEFAULT_R
               f"{SERVING_FILE} with default_budget {floor.default_budget}")
     test_report = None
     if report:
-        from exporter.report import build_test_report, write_report
+        from exitserve.exporter.report import build_test_report, write_report
 
         test = exit_table(staged, manifest, splits.test, rule)
         test_report = build_test_report(manifest.name, calibration, picks, test, splits.test.split)

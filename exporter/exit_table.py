@@ -11,7 +11,7 @@ from tqdm import tqdm
 from exitserve.repository.confidence import ALWAYS, NEVER, ConfidenceRule, confidence, exits_taken
 from exitserve.repository.format import Manifest
 from exitserve.repository.runtime import StagedModel
-from models.data import ImageDataset
+from exitserve.models.data import ImageDataset
 
 
 @dataclass

@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 import exitserve
+from exitserve.errors import ExitserveError
 from exitserve.repository.format import (
     DEFAULT_OPSET,
     InputSpec,
@@ -26,19 +27,19 @@ from exitserve.repository.format import (
 )
 from exitserve.repository.preprocessing import normalize
 from exitserve.repository.runtime import StagedModel
-from exporter.latency import measure_stage_latency
-from exporter.onnx_export import ExportedStage, export_full_model, export_stages
-from exporter.parity import ParityError, ParityReport, check_parity, require_parity
-from models.checkpoint import Checkpoint, file_sha256, load_checkpoint, model_from_checkpoint
-from models.cost import ExitCost, exit_costs
-from models.data import load_splits
-from models.early_exit import EarlyExitModel
+from exitserve.exporter.latency import measure_stage_latency
+from exitserve.exporter.onnx_export import ExportedStage, export_full_model, export_stages
+from exitserve.exporter.parity import ParityError, ParityReport, check_parity, require_parity
+from exitserve.models.checkpoint import Checkpoint, file_sha256, load_checkpoint, model_from_checkpoint
+from exitserve.models.cost import ExitCost, exit_costs
+from exitserve.models.data import load_splits
+from exitserve.models.early_exit import EarlyExitModel
 
 FP32_TOLERANCE = 1e-4
 FP16_TOLERANCE = 5e-2
 
 
-class ExportError(RuntimeError):
+class ExportError(ExitserveError, RuntimeError):
     """The export cannot proceed (bad output location, unusable model)."""
 
 

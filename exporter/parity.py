@@ -8,10 +8,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from exitserve.errors import ExitserveError
 from exitserve.repository.runtime import StagedModel
 
 
-class ParityError(RuntimeError):
+class ParityError(ExitserveError, RuntimeError):
     """The exported stages disagree with PyTorch beyond tolerance."""
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from exitserve.repository.format import Calibration
-from exporter.exit_table import ExitTable
+from exitserve.exporter.exit_table import ExitTable
 
 
 def build_test_report(name: str, calibration: Calibration, picks: dict, test: ExitTable, split: str) -> dict:

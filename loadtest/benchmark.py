@@ -15,7 +15,7 @@ vs LitServe, with the no-op route as the ceiling. One run, in three parts:
 server's, or when the engine time per image at budget 0.2 is over 0.3x full depth's.
 Traffic goes only to 127.0.0.1 and is bounded in count and time.
 
-    python -m loadtest.benchmark --repository model_repository --model msdnet_fmnist
+    python -m exitserve.loadtest.benchmark --repository model_repository --model msdnet_fmnist
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from loadtest.images import encode_image
-from loadtest import wrk_bench
-from models.data import load_splits
+from exitserve.loadtest.images import encode_image
+from exitserve.loadtest import wrk_bench
+from exitserve.models.data import load_splits
 
 
 def start(cmd: list[str], url: str, env: dict | None = None, timeout: float = 180) -> subprocess.Popen:
@@ -115,7 +115,7 @@ def sequential_latency(url: str, blobs: list[bytes], labels: np.ndarray, params:
 
 def _median_inference_ms(blobs: list[bytes], spec, infer) -> dict:
     """Decode and normalize each image first, then time ``infer(image)`` alone."""
-    from server.preprocess import decode_image
+    from exitserve.server.preprocess import decode_image
 
     times = []
     for blob in blobs:
@@ -128,7 +128,7 @@ def _median_inference_ms(blobs: list[bytes], spec, infer) -> dict:
 
 def engine_latency(folder: Path, blobs: list[bytes], budget: float) -> dict:
     """The engine's own time for the same single images, in-process, no HTTP."""
-    from server.engine import ModelEngine
+    from exitserve.server.engine import ModelEngine
 
     engine = ModelEngine.load(folder, default_budget=budget, provider="cpu", online_budget=False)
     engine.warm_up()
@@ -226,7 +226,7 @@ def python_client_part(args: argparse.Namespace) -> dict:
                   "--port", str(port), "--log-level", "warning"], ours_url,
                  env={"EXITSERVE_ONLINE_BUDGET": "false", "EXITSERVE_MAX_BATCH_SIZE": "64",
                       "EXITSERVE_DEFAULT_MODEL": args.model})
-    plain = start([py, "-m", "loadtest.plain_server", str(folder), "--port", str(port + 1)], plain_url)
+    plain = start([py, "-m", "exitserve.loadtest.plain_server", str(folder), "--port", str(port + 1)], plain_url)
     results: dict = {"budget_within_0.3": budget}
     try:
         lat, lat_labels = blobs[: args.latency_images], labels[: args.latency_images]

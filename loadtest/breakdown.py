@@ -15,7 +15,7 @@ request; 0 when the batch stopped before it), and ``outside the app``: wrk's mea
 minus the app's own (HTTP parsing, the event loop's turn to read the request and write
 the answer, the loopback, wrk itself).
 
-    python -m loadtest.breakdown --repository model_repository --model msdnet_fmnist
+    python -m exitserve.loadtest.breakdown --repository model_repository --model msdnet_fmnist
 
 Needs ``wrk`` (Debian: ``apt-get install wrk``).
 """
@@ -32,7 +32,7 @@ from urllib.request import urlopen
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.overload import (
+from exitserve.loadtest.overload import (
     WrkRun,
     launch,
     measured_wrk,
@@ -42,7 +42,7 @@ from loadtest.overload import (
     stop_server,
     write_images,
 )
-from server.http.phases import FRAMEWORK, PARTITION
+from exitserve.server.http.phases import FRAMEWORK, PARTITION
 
 PHASE_METRIC = "exitserve_request_phase_seconds"
 WARMUP_S = 3
@@ -103,7 +103,7 @@ def measure_exitserve(args: argparse.Namespace, wrk: str, images: Path, log: Pat
 def measure_noop(args: argparse.Namespace, wrk: str, images: Path, log: Path) -> list[dict]:
     folder = args.repository / args.model
     port = args.port + 1
-    cmd = [sys.executable, "-m", "loadtest.plain_server", str(folder), "--port", str(port)]
+    cmd = [sys.executable, "-m", "exitserve.loadtest.plain_server", str(folder), "--port", str(port)]
     server = launch(cmd, f"http://127.0.0.1:{port}", "/readyz", {}, log, "plain server /noop", 120.0)
     rows = []
     try:

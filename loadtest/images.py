@@ -18,7 +18,7 @@ def encode_image(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
 
 def encoded_test_images(count: int, fmt: str = "PNG") -> tuple[list[bytes], np.ndarray]:
     """The first ``count`` Fashion-MNIST test images, encoded, and their labels."""
-    from models.data import load_splits
+    from exitserve.models.data import load_splits
 
     test = load_splits("fashion-mnist").test
     return [encode_image(p, fmt) for p in test.images[:count]], test.labels[:count]

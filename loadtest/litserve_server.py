@@ -6,7 +6,7 @@ framework that batches requests itself, on the same images and the same route sh
 POST /classify with the raw PNG as the body, answering
 ``{"class_index", "label", "confidence"}``; GET /health answers 200 once the model is loaded.
 
-Run: ``python -m loadtest.litserve_server MODEL_FOLDER --port 8002``.
+Run: ``python -m exitserve.loadtest.litserve_server MODEL_FOLDER --port 8002``.
 
 Settings, and why:
 

@@ -44,7 +44,7 @@ from locust import HttpUser, between, events, tag, task
 from locust.env import Environment
 from locust.runners import WorkerRunner
 
-from loadtest.images import encoded_test_images
+from exitserve.loadtest.images import encoded_test_images
 
 
 def _encoded_test_images(count: int) -> list[tuple[bytes, int]]:

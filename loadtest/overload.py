@@ -8,7 +8,7 @@ successful (2xx) and 503 responses per second, other statuses, latency percentil
 the CPU used by wrk and by the server (% of one core). The numbers go to ``--out`` as JSON.
 Traffic goes only to 127.0.0.1, for ``--duration`` seconds per configuration.
 
-    python -m loadtest.overload --repository model_repository --connections 64 --duration 20 --queue 8
+    python -m exitserve.loadtest.overload --repository model_repository --connections 64 --duration 20 --queue 8
 
 Needs ``wrk`` (Debian: ``apt-get install wrk``).
 """
@@ -182,7 +182,7 @@ def wrk_version(wrk: str) -> str:
 
 def write_images(folder: Path, count: int) -> int:
     """The first ``count`` Fashion-MNIST test images as PNG files in ``folder``."""
-    from loadtest.images import encoded_test_images
+    from exitserve.loadtest.images import encoded_test_images
 
     blobs, _ = encoded_test_images(count)
     for i, blob in enumerate(blobs):
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     wrk = require_wrk()
     if not args.repository.is_dir():
         parser.error(f"{args.repository} is not a directory")
-    from server.settings import Settings
+    from exitserve.server.settings import Settings
 
     default_queue = Settings.model_fields["max_queue_images"].default
     query = {k: v for k, v in {"model": args.model, "budget": args.budget}.items() if v is not None}

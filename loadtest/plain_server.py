@@ -2,7 +2,7 @@
 Runtime session of the full network (``full_model.onnx`` from a model folder).
 
 Only the benchmark uses it, to compare side by side with exitserve on the same images.
-Run: ``python -m loadtest.plain_server MODEL_FOLDER --port 8001``.
+Run: ``python -m exitserve.loadtest.plain_server MODEL_FOLDER --port 8001``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@
    /metrics sampled every 0.5 s (effective budget, expected accuracy, and the p99 of each
    half-second from the latency histogram's buckets), drawn to ``--plot``.
 
-    python -m loadtest.slo_bench --repository model_repository --model msdnet_fmnist --objective-ms 50
+    python -m exitserve.loadtest.slo_bench --repository model_repository --model msdnet_fmnist --objective-ms 50
 
 Needs ``wrk``; traffic only to 127.0.0.1, bounded by ``--duration``.
 """
@@ -34,7 +34,7 @@ from urllib.request import urlopen
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.overload import (
+from exitserve.loadtest.overload import (
     Server,
     WrkRun,
     launch,
@@ -134,7 +134,7 @@ class Sampler:
 def start(kind: str, args: argparse.Namespace, port: int, log: Path) -> Server:
     if kind == "plain":
         folder = args.repository / args.model
-        cmd = [sys.executable, "-m", "loadtest.plain_server", str(folder), "--port", str(port)]
+        cmd = [sys.executable, "-m", "exitserve.loadtest.plain_server", str(folder), "--port", str(port)]
         return launch(cmd, f"http://127.0.0.1:{port}", "/readyz", {}, log, "plain server", 120.0)
     env = {"EXITSERVE_DEFAULT_MODEL": args.model, "EXITSERVE_LATENCY_SLO_MS": None}
     if kind == "objective":

@@ -8,7 +8,7 @@ warm-up, at the end and its maximum, and the growth after the warm-up, as Markdo
 JSON (``--out``, with the RSS series; Locust's CSVs go next to it). Traffic goes only to
 127.0.0.1, for ``--duration`` seconds. The server is stopped at the end whatever happens.
 
-    python -m loadtest.soak --repository model_repository --duration 600 --warmup 60 --users 16
+    python -m exitserve.loadtest.soak --repository model_repository --duration 600 --warmup 60 --users 16
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from loadtest.overload import ROOT, Server, start_server, stop_server
+from exitserve.loadtest.overload import ROOT, Server, start_server, stop_server
 
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 

@@ -21,7 +21,7 @@ p50/p99 latency, and the CPU of wrk and of the server (its child processes inclu
 of one core. Prints a Markdown table, then the ratios of each exitserve row to the plain server,
 to LitServe and to the no-op route at the same concurrency; writes everything to ``--out``.
 
-    python -m loadtest.wrk_bench --repository /tmp/repo --model msdnet_fmnist --duration 10
+    python -m exitserve.loadtest.wrk_bench --repository /tmp/repo --model msdnet_fmnist --duration 10
 
 ``--guard``: exit 1 when exitserve's default-budget throughput at C=32 is under 2.5x the
 plain server's. Needs ``wrk`` (Debian: ``apt-get install wrk``).
@@ -42,7 +42,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from exitserve.repository.format import DEFAULT_BUDGET
-from loadtest.overload import (
+from exitserve.loadtest.overload import (
     Server,
     WrkRun,
     _descendants,
@@ -141,10 +141,10 @@ def start_target(target: Target, args: argparse.Namespace, port: int, log: Path)
         return start_server(args.repository, port, env, log, label=target.name)
     base = f"http://127.0.0.1:{port}"
     if target.kind == "plain":
-        cmd = [sys.executable, "-m", "loadtest.plain_server", str(folder), "--port", str(port)]
+        cmd = [sys.executable, "-m", "exitserve.loadtest.plain_server", str(folder), "--port", str(port)]
         return start_command(cmd, base, "/readyz", log, target.name)
     if target.kind == "litserve":
-        cmd = [sys.executable, "-m", "loadtest.litserve_server", str(folder), "--port", str(port)]
+        cmd = [sys.executable, "-m", "exitserve.loadtest.litserve_server", str(folder), "--port", str(port)]
         return start_command(cmd, base, "/health", log, target.name)
     raise ValueError(target.kind)
 

@@ -20,15 +20,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.cost import ExitCost
-from models.preprocess import Preprocessing
-from models.registry import create_model
+from exitserve.errors import ExitserveError
+from exitserve.models.cost import ExitCost
+from exitserve.models.preprocess import Preprocessing
+from exitserve.models.registry import create_model
 
 CHECKPOINT_FORMAT = "exitserve-checkpoint/1"
 REQUIRED_KEYS = ("model", "config", "state_dict", "labels", "preprocessing", "exits")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ExitserveError, ValueError):
     """A file is not a usable exitserve checkpoint."""
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.early_exit import EarlyExitModel
+from exitserve.models.early_exit import EarlyExitModel
 
 
 @dataclass(frozen=True)

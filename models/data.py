@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from exitserve.errors import ExitserveError
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -26,7 +28,7 @@ SPLIT_SEED = 0
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
-class DatasetError(ValueError):
+class DatasetError(ExitserveError, ValueError):
     """A data directory is missing or its files are malformed."""
 
 

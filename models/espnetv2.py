@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.checkpoint import strip_module_prefix
-from models.early_exit import EarlyExitModel, ExitSpec, Stage
-from models.registry import build_config, register_model
+from exitserve.models.checkpoint import strip_module_prefix
+from exitserve.models.early_exit import EarlyExitModel, ExitSpec, Stage
+from exitserve.models.registry import build_config, register_model
 
 # The reference configuration (EdgeNets ``espnetv2_config.py``): channels of level1..level5
 # and of the final expansion, per width scale s.

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models.data import ImageDataset
-from models.preprocess import Preprocessing
+from exitserve.models.data import ImageDataset
+from exitserve.models.preprocess import Preprocessing
 
 
 @torch.no_grad()

@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.early_exit import EarlyExitModel, ExitSpec, Stage
-from models.registry import build_config, register_model
+from exitserve.models.early_exit import EarlyExitModel, ExitSpec, Stage
+from exitserve.models.registry import build_config, register_model
 
 # ----------------------------------------------------------------------------- blocks
 

@@ -14,8 +14,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from models.early_exit import EarlyExitModel, ExitSpec, Stage
-from models.registry import build_config, register_model
+from exitserve.models.early_exit import EarlyExitModel, ExitSpec, Stage
+from exitserve.models.registry import build_config, register_model
 
 
 # ----------------------------------------------------------------------------- blocks

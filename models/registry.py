@@ -9,12 +9,29 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from models import FAMILY_MODULES
+from exitserve.errors import ExitserveError
+from exitserve.models import FAMILY_MODULES
 
 Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
 Config = TypeVar("Config")
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+class ModelConfigError(ExitserveError, ValueError):
+    """A model config whose values the builder refuses (out of range, or changing what a
+    variant fixes)."""
+
+
+class UnknownModelConfigKey(ExitserveError, TypeError):
+    """A model config key the builder does not take."""
+
+
+class UnknownModelName(ExitserveError, KeyError):
+    """A model name nothing registered."""
+
+    def __str__(self) -> str:  # the message, not KeyError's quoted repr of it
+        return str(self.args[0])
 
 
 def register_model(builder: Builder) -> Builder:
@@ -35,17 +52,18 @@ def build_config(
 ) -> Config:
     """The config a builder makes: ``defaults`` updated by ``overrides``.
 
-    A key that is not a field of ``config_type`` is a ``TypeError``. Keys in ``fixed`` are
-    what make the variant (an ImageNet builder's 1000 classes): repeating their default is
-    fine, because checkpoints rebuild through their own builder with their full config,
-    but changing it is a ``ValueError`` that names the family builder to use instead
-    (builders are named ``<family>`` or ``<family>_<variant>``).
+    A key that is not a field of ``config_type`` is an ``UnknownModelConfigKey`` (a
+    ``TypeError``). Keys in ``fixed`` are what make the variant (an ImageNet builder's 1000
+    classes): repeating their default is fine, because checkpoints rebuild through their own
+    builder with their full config, but changing it is a ``ModelConfigError`` (a
+    ``ValueError``) that names the family builder to use instead (builders are named
+    ``<family>`` or ``<family>_<variant>``); so is a value the config's own checks refuse.
     """
     assert is_dataclass(config_type), config_type
     known = {f.name for f in fields(config_type)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise TypeError(f"{builder}: unknown config keys {unknown}; known: {sorted(known)}")
+        raise UnknownModelConfigKey(f"{builder}: unknown config keys {unknown}; known: {sorted(known)}")
     clashes = [
         f"{key}={overrides[key]!r} (this variant fixes {key}={defaults[key]!r})"
         for key in fixed
@@ -53,14 +71,18 @@ def build_config(
     ]
     if clashes:
         family = builder.partition("_")[0]
-        raise ValueError(f"{builder}: conflicting arguments {', '.join(clashes)}; use {family!r} for other values")
-    return config_type(**{**defaults, **overrides})
+        raise ModelConfigError(f"{builder}: conflicting arguments {', '.join(clashes)}; "
+                               f"use {family!r} for other values")
+    try:
+        return config_type(**{**defaults, **overrides})
+    except ValueError as exc:  # the config's own checks (__post_init__): values a user chose
+        raise ModelConfigError(f"{builder}: {exc}") from exc
 
 
 def _load_families() -> None:
     # importing a family module runs its @register_model decorators
     for family in FAMILY_MODULES:
-        importlib.import_module(f"models.{family}")
+        importlib.import_module(f"exitserve.models.{family}")
 
 
 def list_models() -> list[str]:
@@ -73,5 +95,5 @@ def create_model(name: str, **cfg: Any) -> nn.Module:
     try:
         builder = _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown model {name!r}; registered: {', '.join(sorted(_REGISTRY))}") from None
+        raise UnknownModelName(f"unknown model {name!r}; registered: {', '.join(sorted(_REGISTRY))}") from None
     return builder(**cfg)

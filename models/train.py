@@ -25,8 +25,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from models.augment import random_crop, random_erasing, random_hflip
-from models.checkpoint import (
+from exitserve.models.augment import random_crop, random_erasing, random_hflip
+from exitserve.models.checkpoint import (
     Checkpoint,
     CheckpointError,
     ExitRecord,
@@ -36,13 +36,13 @@ from models.checkpoint import (
     save_checkpoint,
     save_resume_state,
 )
-from models.cost import exit_costs
-from models.data import DataSplits, load_splits
-from models.early_exit import EarlyExitModel
-from models.evaluate import exit_accuracies
-from models.preprocess import Preprocessing
-from models.registry import create_model
-from models.train_config import TrainConfig
+from exitserve.models.cost import exit_costs
+from exitserve.models.data import DataSplits, load_splits
+from exitserve.models.early_exit import EarlyExitModel
+from exitserve.models.evaluate import exit_accuracies
+from exitserve.models.preprocess import Preprocessing
+from exitserve.models.registry import ModelConfigError, create_model
+from exitserve.models.train_config import TrainConfig, TrainConfigError
 
 
 AverageFn = Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]
@@ -78,7 +78,7 @@ class JointExitLoss(nn.Module):
     def __init__(self, weights: list[float], distill: float, temperature: float) -> None:
         super().__init__()
         if not 0.0 <= distill <= 1.0:
-            raise ValueError(f"distill must be in [0, 1], got {distill}")
+            raise TrainConfigError(f"distill must be in [0, 1], got {distill}")
         self.weights = weights
         self.distill = distill
         self.temperature = temperature
@@ -110,7 +110,7 @@ def build_model(cfg: TrainConfig, splits: DataSplits) -> EarlyExitModel:
         data_fields["data"] = splits.name
     clash = {k for k in data_fields if k in cfg.model_config and cfg.model_config[k] != data_fields[k]}
     if clash:
-        raise ValueError(f"model config {sorted(clash)} conflicts with dataset {splits.name!r}")
+        raise ModelConfigError(f"model config {sorted(clash)} conflicts with dataset {splits.name!r}")
     model = create_model(cfg.model, **{**cfg.model_config, **data_fields})
     if not isinstance(model, EarlyExitModel):
         raise TypeError(f"{cfg.model} does not implement the early-exit interface")
@@ -129,6 +129,8 @@ class Trainer:
         self.parent = self._load_parent(cfg.init_from) if cfg.init_from else None
         self.num_exits = len(self.model.exit_specs())
         weights = cfg.exit_weights or [1.0] * self.num_exits
+        if len(weights) != self.num_exits:  # found here, not at the first batch
+            raise TrainConfigError(f"{len(weights)} exit weights for {cfg.model}'s {self.num_exits} exits")
         self.criterion = JointExitLoss(list(weights), cfg.distill, cfg.temperature)
         self.steps_per_epoch = cfg.steps_per_epoch or len(self.splits.train) // cfg.batch_size
         self.optimizer = torch.optim.SGD(
@@ -163,7 +165,8 @@ class Trainer:
             return False
         state = load_resume_state(self.resume_path)
         if state["train_config"] != asdict(self.cfg):
-            raise ValueError(f"{self.resume_path} was written with another configuration; delete it to start over")
+            raise CheckpointError(f"{self.resume_path} was written with another configuration; "
+                                  "delete it to start over")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

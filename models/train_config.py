@@ -7,6 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from exitserve.errors import ExitserveError
+
+
+class TrainConfigError(ExitserveError, ValueError):
+    """Training settings that cannot be used (with this model)."""
+
 
 @dataclass
 class TrainConfig:

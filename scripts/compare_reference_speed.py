@@ -20,7 +20,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from models.registry import create_model
+from exitserve.models.registry import create_model
 
 CONFIG = dict(nBlocks=5, stepmode="lin_grow", step=1, base=1, nChannels=16, growthRate=6, grFactor=[1, 2, 4],
               bnFactor=[1, 2, 4], nScales=3, prune="max", reduction=0.5, bottleneck=True)

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from exporter.report import plot_curves
+from exitserve.exporter.report import plot_curves
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from loadtest.overload import launch, start_server, stop_server
+from exitserve.loadtest.overload import launch, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "exitserve.json"

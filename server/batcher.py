@@ -9,6 +9,9 @@ request can be refused before its body is read (``check_admission``), so refusin
 almost nothing. A batch that fails fails its own requests (``InferenceFailed``), is
 logged once with their request ids and counted; the loop goes on. ``stalled_for`` tells
 the readiness check when work waits and nothing finishes.
+
+Every time here (enqueued, the delay window, the stall watch) comes from one ``clock``,
+``time.perf_counter`` unless a test injects a fake one, as the policy and the objective take.
 """
 
 from __future__ import annotations
@@ -23,15 +26,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.engine import EngineRun, ModelEngine
-from server.errors import InferenceFailed, Overloaded
-from server.policy import ExitResult
-from server.request_context import current_request_id
+from exitserve.server.engine import EngineRun, ModelEngine
+from exitserve.server.errors import InferenceFailed, Overloaded
+from exitserve.server.policy import ExitResult
+from exitserve.server.request_context import current_request_id
 
 log = logging.getLogger(__name__)
 
 BatchObserver = Callable[[str, int, dict[int, float]], None]  # model, images, per-stage ms
 ModelObserver = Callable[[str], None]  # model
+Clock = Callable[[], float]  # seconds
 
 
 @dataclass
@@ -40,8 +44,8 @@ class Pending:
     thresholds: np.ndarray  # K
     deadline: float  # absolute perf_counter seconds, inf when none
     future: asyncio.Future
+    enqueued: float  # the batcher's clock, seconds
     request_id: str | None = None
-    enqueued: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -51,7 +55,7 @@ class BatchOutcome:
     inference_ms: float  # the batch's run, from the loop's side: the stages and both thread hops
     batch_size: int
     stage_ms: dict[int, float] = field(default_factory=dict)  # each stage's wall time in that batch
-    finished: float = 0.0  # perf_counter when the loop had the batch's answers
+    finished: float = 0.0  # the batcher's clock when the loop had the batch's answers
 
 
 class DynamicBatcher:
@@ -65,8 +69,10 @@ class DynamicBatcher:
         on_batch: BatchObserver | None = None,
         on_failure: ModelObserver | None = None,
         on_reject: ModelObserver | None = None,
+        clock: Clock = time.perf_counter,
     ) -> None:
         self.engine = engine
+        self.clock = clock
         self.max_batch_size = max_batch_size
         self.max_delay = max_queue_delay_ms / 1000
         self.max_queue_images = max_queue_images
@@ -78,7 +84,7 @@ class DynamicBatcher:
         self.waiting_images = 0  # admitted, not yet running (single images and whole jobs)
         self.running_images = 0
         self.failures = 0
-        self.last_progress = time.monotonic()  # a batch or job finished, or work arrived to an idle model
+        self.last_progress = clock()  # a batch or job finished, or work arrived to an idle model
         self._counts = threading.Lock()  # jobs start on the worker thread
         self._worker: asyncio.Task | None = None
 
@@ -113,7 +119,7 @@ class DynamicBatcher:
         self.check_admission(images)
         with self._counts:
             if self.pending_images == 0:
-                self.last_progress = time.monotonic()  # idle until now: not a stall
+                self.last_progress = self.clock()  # idle until now: not a stall
             self.waiting_images += images
 
     def _move_to_running(self, images: int) -> None:
@@ -127,7 +133,7 @@ class DynamicBatcher:
                 self.running_images -= images
             else:
                 self.waiting_images -= images
-            self.last_progress = time.monotonic()
+            self.last_progress = self.clock()
 
     def stalled_for(self) -> float:
         """Seconds the model has had work without finishing any (0 when idle or moving);
@@ -136,13 +142,13 @@ class DynamicBatcher:
             return float("inf")
         if self.pending_images == 0:
             return 0.0
-        return time.monotonic() - self.last_progress
+        return self.clock() - self.last_progress
 
     # ------------------------------------------------------------------ work
     async def submit(self, image: np.ndarray, thresholds: np.ndarray, deadline: float) -> BatchOutcome:
         self._admit(1)
         future = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait(Pending(image, thresholds, deadline, future, current_request_id()))
+        self.queue.put_nowait(Pending(image, thresholds, deadline, future, self.clock(), current_request_id()))
         return await future
 
     async def run_job(self, images: int, fn: Callable[[], EngineRun]) -> list[ExitResult]:
@@ -194,7 +200,7 @@ class DynamicBatcher:
             if not self.queue.empty():
                 batch.append(self.queue.get_nowait())
                 continue
-            remaining = closes - time.perf_counter()
+            remaining = closes - self.clock()
             if remaining <= 0:
                 break
             try:
@@ -223,7 +229,7 @@ class DynamicBatcher:
                 self._finish(len(live))
 
     async def _run(self, live: list[Pending]) -> None:
-        started = time.perf_counter()
+        started = self.clock()
         images = np.stack([p.image for p in live])
         thresholds = np.stack([p.thresholds for p in live])
         deadlines = np.array([p.deadline for p in live])
@@ -231,7 +237,7 @@ class DynamicBatcher:
             self.executor, self.engine.run_thresholds, images, thresholds, deadlines)
         if len(run.results) != len(live):
             raise RuntimeError(f"the engine answered {len(run.results)} images of {len(live)}")
-        finished = time.perf_counter()
+        finished = self.clock()
         self._report(len(live), run)
         inference_ms = (finished - started) * 1000
         for p, result in zip(live, run.results):

@@ -18,7 +18,7 @@ import numpy as np
 
 from exitserve.repository.confidence import NEVER
 from exitserve.repository.format import Calibration, Manifest, load_calibration, load_manifest
-from server.policy import Clock, ExitPolicy, ExitResult, Schedule
+from exitserve.server.policy import Clock, ExitPolicy, ExitResult, Schedule
 
 
 

@@ -6,8 +6,10 @@ Each carries a stable ``code`` (the ``error`` field clients see) and a human ``d
 
 from __future__ import annotations
 
+from exitserve.errors import ExitserveError
 
-class ServingError(Exception):
+
+class ServingError(ExitserveError):
     """Base class: a request the service cannot answer, and why."""
 
     code = "error"
@@ -51,9 +53,10 @@ class InvalidInput(ServingError):
 
 
 class BadImage(ServingError):
-    """An upload that is not a usable image."""
+    """An upload that is not a usable image; ``index``: which of the request's images."""
 
     code = "bad_image"
+    index: int | None = None
 
 
 class EmptyImage(BadImage):

@@ -37,8 +37,8 @@ from exitserve.repository.confidence import (
     leaves,
 )
 from exitserve.repository.format import BudgetPoint, Calibration, Manifest
-from server.errors import InvalidOptions
-from server.slo import LatencyObjective, ladder_for
+from exitserve.server.errors import InvalidOptions
+from exitserve.server.slo import LatencyObjective, ladder_for
 
 Clock = Callable[[], float]
 BUDGET_EPSILON = 1e-12

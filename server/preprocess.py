@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from exitserve.repository.format import InputSpec
-from server.errors import CorruptImage, EmptyImage, ImageTooLarge, InvalidInput, NotAnImage
+from exitserve.server.errors import CorruptImage, EmptyImage, ImageTooLarge, InvalidInput, NotAnImage
 
 MIN_MODEL_SIDE = 2048
 SIDE_FACTOR = 64

@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models.train import TrainConfig, train
+    from exitserve.models.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("small_model") / "small.pt"
     train(TrainConfig(out=str(out), epochs=1, steps_per_epoch=40, batch_size=32, model_config=SMALL_MODEL))
@@ -36,7 +36,7 @@ def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _tiny_family_checkpoint(factory: pytest.TempPathFactory, model: str, **config) -> Path:
     """A few training steps of a family's default model: real weights, real checkpoint."""
-    from models.train import TrainConfig, train
+    from exitserve.models.train import TrainConfig, train
 
     out = factory.mktemp(model) / f"{model}.pt"
     train(TrainConfig(model=model, epochs=1, steps_per_epoch=3, batch_size=16, out=str(out), threads=1,
@@ -56,7 +56,7 @@ def tiny_googlenet_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def small_repository(small_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from exporter.export import export_repository
+    from exitserve.exporter.export import export_repository
 
     out = tmp_path_factory.mktemp("repository") / "small"
     export_repository(small_checkpoint, out, progress=False)
@@ -67,8 +67,8 @@ def small_repository(small_checkpoint: Path, tmp_path_factory: pytest.TempPathFa
 def served_repository(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository folder with one calibrated model, ``msdnet_fmnist``: the committed
     default model when it is there, else the small one."""
-    from exporter.calibrate import calibrate_repository
-    from exporter.export import export_repository
+    from exitserve.exporter.calibrate import calibrate_repository
+    from exitserve.exporter.export import export_repository
 
     # the small model is trained only when the committed one is missing
     checkpoint = DEFAULT_CHECKPOINT if DEFAULT_CHECKPOINT.is_file() else request.getfixturevalue("small_checkpoint")

@@ -17,6 +17,7 @@ import numpy as np
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from exitserve.errors import ExitserveError
 from exitserve.repository.confidence import ConfidenceRule
 from exitserve.repository.preprocessing import normalize
 
@@ -26,7 +27,7 @@ DEFAULT_OPSET = 17
 COST_TOLERANCE = 1e-6
 
 
-class RepositoryError(ValueError):
+class RepositoryError(ExitserveError, ValueError):
     """A model folder is missing files or holds a malformed manifest."""
 
 

@@ -39,8 +39,8 @@ import onnxruntime as ort  # noqa: E402
 
 from exitserve.repository.format import load_manifest  # noqa: E402
 from exitserve.repository.runtime import CPU, CUDA, StagedModel  # noqa: E402
-from exporter.latency import measure_stage_latency  # noqa: E402
-from server.engine import ModelEngine  # noqa: E402
+from exitserve.exporter.latency import measure_stage_latency  # noqa: E402
+from exitserve.server.engine import ModelEngine  # noqa: E402
 
 PROVIDERS = {"cuda": CUDA, "cpu": CPU}
 PROBS_TOLERANCE = 1e-3  # fp32 kernels differ between providers by rounding, not by answers
@@ -63,7 +63,7 @@ def load_images(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     if args.images_file:
         data = np.load(args.images_file)
         return data["images"][: args.images], data["labels"][: args.images]
-    from models.data import load_splits
+    from exitserve.models.data import load_splits
 
     test = load_splits("fashion-mnist").test
     return test.images[: args.images], test.labels[: args.images]

@@ -59,7 +59,7 @@ done
 echo "== test images"
 $PY - <<'PYTHON'
 import numpy as np
-from models.data import load_splits
+from exitserve.models.data import load_splits
 test = load_splits("fashion-mnist").test
 np.savez_compressed(".device/kit/images.npz", images=test.images[:512], labels=test.labels[:512])
 PYTHON

@@ -1,58 +1,79 @@
-"""``create_app(settings)``: the FastAPI application. Nothing happens at import time."""
+"""``create_app(settings)``: the FastAPI application. Nothing happens at import time, and
+nothing here changes the process (``server.process`` does, where a process starts serving)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 import exitserve
-from server.http.errors import install_error_handlers
-from server.http.schemas import ErrorResponse
-from server.http.middleware import BodyLimits, IdentityHeader, RequestMetrics
-from server.http.security import ApiKeyAuth, RequestIdMiddleware
-from server.http.routes import classify, health, models, v2
-from server.metrics import Metrics
-from server.service import InferenceService, StartupError
-from server.settings import Settings
-from server.workers import WorkerGroup
+from exitserve.server.http.errors import install_error_handlers
+from exitserve.server.http.middleware import AdmissionGate, BodyLimits, IdentityHeader, RequestMetrics
+from exitserve.server.http.routes import classify, health, models, v2
+from exitserve.server.http.schemas import ErrorResponse
+from exitserve.server.http.security import ApiKeyAuth, RequestIdMiddleware
+from exitserve.server.metrics import Metrics
+from exitserve.server.service import InferenceService, StartupError
+from exitserve.server.settings import Settings
+from exitserve.server.workers import WorkerGroup
 
 log = logging.getLogger("exitserve")
-# under Ray Serve (server/http/ray_serve.py): every replica's metrics listener, for Prometheus
+# under Ray Serve (server/deployments/ray_serve.py): every replica's metrics listener, for Prometheus
 METRICS_TARGETS_PATH = "/ray/metrics-targets"
+WhileReady = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
 
 def create_app(settings: Settings | None = None, workers: WorkerGroup | None = None, *,
-               identity: dict[str, str] | None = None, request_id_header: bool = True) -> FastAPI:
-    """The app for ``settings``; ``workers``: this process's place among several on one port;
-    ``identity``: more headers that say who answered (a Ray Serve replica and node);
-    ``request_id_header=False`` when a proxy in front adds ``X-Request-ID`` itself."""
+               identity: dict[str, str] | None = None, request_id_header: bool = True,
+               routers: Sequence[APIRouter] = (), ready_before_startup: bool = False,
+               while_ready: WhileReady | None = None) -> FastAPI:
+    """The app for ``settings``.
+
+    ``workers``: this process's place among several on one port; ``identity``: more headers
+    that say who answered (a Ray Serve replica and node); ``request_id_header=False`` when a
+    proxy in front adds ``X-Request-ID`` itself; ``routers``: more routes;
+    ``ready_before_startup``: the ASGI startup waits for the warm-up and fails unless every
+    model is ready (a platform that routes to an app once its startup is done);
+    ``while_ready(app)``: a context entered once every model is warm and serving, left at
+    shutdown (a metrics listener, a registration, freezing the heap)."""
     settings = settings or Settings()
+    metrics = Metrics(workers.metrics_dir if workers else None)
+    service = InferenceService(settings, metrics, workers)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service: InferenceService = app.state.service
-        # the inference thread needs the GIL back after every stage; by default the event loop
-        # may keep it 5 ms, a stall per stage under load (BENCHMARKS.md, "GIL switch interval")
-        sys.setswitchinterval(settings.switch_interval_us / 1e6)
         try:
-            engines = await service.load()  # a repository that cannot be served fails the start
+            loaded = await service.load()  # a repository that cannot be served fails the start
         except StartupError as exc:
             log.error("%s", exc.detail)
             raise
-        warming = asyncio.create_task(service.warm_up_and_serve(engines))  # /healthz answers meanwhile
-        app.state.loading = warming
-        try:
-            yield
-        finally:
-            if not warming.done():
+        async with AsyncExitStack() as serving:
+
+            async def serve_when_warm() -> None:
+                await service.warm_up_and_serve(loaded)
+                if service.state.ready and while_ready is not None:
+                    await serving.enter_async_context(while_ready(app))
+
+            warming = asyncio.create_task(serve_when_warm())  # /healthz answers meanwhile
+            if ready_before_startup:
+                await warming
+                ready, body = service.readiness()
+                if not ready:
+                    raise RuntimeError(f"exitserve is not ready after its warm-up: {body}")
+            try:
+                yield
+            finally:
                 warming.cancel()
-            await service.stop()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await warming
+                await serving.aclose()
+                await service.stop()
 
     app = FastAPI(
         title="exitserve",
@@ -63,25 +84,27 @@ def create_app(settings: Settings | None = None, workers: WorkerGroup | None = N
         responses={"default": {"model": ErrorResponse, "description": "an error: `error` code, `detail`, "
                                                                        "`request_id`"}},
     )
-    metrics = Metrics(workers.metrics_dir if workers else None)
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.service = InferenceService(settings, metrics, workers)
+    app.state.service = service
     install_error_handlers(app, settings.retry_after_s)
     app.include_router(classify.router)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(v2.router)  # the Open Inference Protocol
+    for router in routers:
+        app.include_router(router)
 
-    # added innermost first: the request id sees everything, metrics see the 401s and 413s
+    # added innermost first: the request id sees everything, metrics see the 401s, 413s and early refusals
+    app.add_middleware(AdmissionGate, plane=service.plane, state=service.state, retry_after_s=settings.retry_after_s)
     app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
-                       service=app.state.service)
+                       state=service.state)
     if settings.api_keys:  # without keys it would only add a layer to every request
         app.add_middleware(ApiKeyAuth, keys=settings.api_keys, open_paths=open_paths(settings))
     if settings.cors_origins:  # outside the key check: browsers send preflights without credentials
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["X-Request-ID"])
-    app.add_middleware(RequestMetrics, metrics=metrics, service=app.state.service,
+    app.add_middleware(RequestMetrics, metrics=metrics, catalog=service.catalog,
                        phase_metrics=settings.phase_metrics)
     app.add_middleware(RequestIdMiddleware, send_header=request_id_header)
     who = {"x-exitserve-worker": str(workers.index)} if workers else {}

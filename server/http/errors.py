@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Scope, Send
 
-from server.errors import (
+from exitserve.server.errors import (
     BadImage,
     CorruptImage,
     EmptyImage,
@@ -27,7 +27,7 @@ from server.errors import (
     ServingError,
     UnknownModel,
 )
-from server.request_context import current_request_id
+from exitserve.server.request_context import current_request_id
 
 # most specific class first: the first match wins
 STATUS: list[tuple[type[ServingError], int]] = [

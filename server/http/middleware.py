@@ -1,5 +1,5 @@
 """Pure ASGI middleware (no per-request task, unlike BaseHTTPMiddleware): the body limits,
-and the request metrics of the classify and v2 inference routes."""
+admission before the body is read, and the request metrics of the inference routes."""
 
 from __future__ import annotations
 
@@ -10,26 +10,22 @@ from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.http import phases
-from server.http.errors import request_has_body, send_error
-from server.metrics import Metrics
-from server.service import InferenceService
+from exitserve.server.catalog import ModelCatalog
+from exitserve.server.dataplane import DataPlane
+from exitserve.server.errors import ServingError
+from exitserve.server.http import phases
+from exitserve.server.http.context import context_of
+from exitserve.server.http.errors import error_response, protocol_error_of, request_has_body, retry_headers, send_error, status_of
+from exitserve.server.metrics import Metrics
+from exitserve.server.state import ServerState
 
 MEASURED_ROUTES = {"/classify", "/classify/batch"}
 V2_INFER = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/[^/]+)?/infer$")
 V2_INFER_ROUTE = "/v2/models/{name}/infer"  # one label, whatever the model and version: labels stay few
-RESOLVED_MODEL = "exitserve.model"  # scope key: the model a route resolved the request to
-ARRIVED = "exitserve.arrived"  # scope key: perf_counter when the request reached the app
 
 
-def arrival(scope: Scope) -> float | None:
-    """When the request reached the app (RequestMetrics, the outermost timed layer): under
-    load, the event loop may take a while to bring it from there to its route."""
-    return scope.get(ARRIVED)
-
-
-def measured_route(path: str) -> tuple[str, str | None] | None:
-    """(route label, model named by the path) of a request whose metrics are kept, else None."""
+def inference_route(path: str) -> tuple[str, str | None] | None:
+    """(route label, model named by the path) of an inference request, else None."""
     if path in MEASURED_ROUTES:
         return path, None
     if match := V2_INFER.match(path):
@@ -37,9 +33,10 @@ def measured_route(path: str) -> tuple[str, str | None] | None:
     return None
 
 
-def record_model(scope: Scope, name: str) -> None:
-    """Routes call this once they know which model serves the request."""
-    scope[RESOLVED_MODEL] = name
+def query_model(scope: Scope) -> str | None:
+    """The model a request's query names (the classify routes), None when it names none."""
+    query = parse_qs(scope.get("query_string", b"").decode(errors="replace"), keep_blank_values=True)
+    return (query.get("model") or [None])[0]
 
 
 class _BodyRefused(Exception):
@@ -58,11 +55,11 @@ class BodyLimits:
       another replica instead of sending more requests on this connection.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, service: InferenceService) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, state: ServerState) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
-        self.service = service
+        self.state = state
 
     @staticmethod
     async def _refuse(send: Send, status: int, code: str, detail: str) -> None:
@@ -113,7 +110,7 @@ class BodyLimits:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                if not body_done or self.service.draining:
+                if not body_done or self.state.draining:
                     headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
                     message = {**message, "headers": [*headers, (b"connection", b"close")]}
             await send(message)
@@ -125,39 +122,72 @@ class BodyLimits:
                 await self._refuse(send, refused.status, refused.code, refused.detail)
 
 
+class AdmissionGate:
+    """Refuses an inference request before its body is read when the model it names cannot
+    take it (queue full, or the latency objective shedding at its floor), so a refusal
+    costs almost nothing; and counts the inference requests inside the app, which the
+    objective's admission reads. The data plane decides; this layer only asks it early
+    and sends the refusal in the route's own error format."""
+
+    def __init__(self, app: ASGIApp, plane: DataPlane, state: ServerState, retry_after_s: int) -> None:
+        self.app = app
+        self.plane = plane
+        self.state = state
+        self.retry_after_s = retry_after_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = inference_route(scope["path"]) if scope["type"] == "http" else None
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        label, named = route
+        with self.state.request():
+            try:
+                self.plane.admit_early(named if named is not None else query_model(scope), 1,
+                                       context_of(scope).arrived)
+            except ServingError as exc:
+                if label == V2_INFER_ROUTE:
+                    response = protocol_error_of(exc, self.retry_after_s)
+                else:
+                    response = error_response(status_of(exc), exc.code, exc.detail,
+                                              retry_headers(exc, self.retry_after_s))
+                await response(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+
+
 class RequestMetrics:
-    """Latency and status counts of the classify and v2 inference routes, 413s from the size
-    limit included.
+    """Latency and status counts of the inference routes, 413s from the size limit included.
 
     Latency is labelled with the model the request resolved to (a ``model`` form field
     included); a request refused before that (413, 415) is labelled with the model its
     query names, or the default model. With ``phase_metrics`` it also times each request's
     phases (``server.http.phases``), sending the response included."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, service: InferenceService, phase_metrics: bool = False) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, catalog: ModelCatalog, phase_metrics: bool = False) -> None:
         self.app = app
         self.metrics = metrics
-        self.service = service
+        self.catalog = catalog
         self.phase_metrics = phase_metrics
 
-    def _model(self, scope: Scope, named: str | None) -> str:
-        if RESOLVED_MODEL in scope:
-            return scope[RESOLVED_MODEL]
+    def _model(self, resolved: str | None, scope: Scope, named: str | None) -> str:
+        if resolved is not None:
+            return resolved
         if named is None:  # the classify routes name it in the query, the v2 routes in the path
-            query = parse_qs(scope.get("query_string", b"").decode(errors="replace"))
-            named = (query.get("model") or [self.service.default_model or "unknown"])[0]
-        return named if named in self.service.engines else "unknown"  # never a label per junk value
+            named = query_model(scope) or self.catalog.default or "unknown"
+        return named if named in self.catalog else "unknown"  # never a label per junk value
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        measured = measured_route(scope["path"]) if scope["type"] == "http" else None
+        measured = inference_route(scope["path"]) if scope["type"] == "http" else None
         if measured is None:
             await self.app(scope, receive, send)
             return
         route, named = measured
-        started = time.perf_counter()
-        scope[ARRIVED] = started
+        context = context_of(scope)
+        context.route = route
+        started = context.arrived
         status = 500
-        timed = phases.start(scope) if self.phase_metrics else None
+        timed = context.phases = {} if self.phase_metrics else None
 
         async def capture(message: Message) -> None:
             nonlocal status
@@ -170,13 +200,11 @@ class RequestMetrics:
             await send(message)
             timed["send"] = timed.get("send", 0.0) + time.perf_counter() - sending
 
-        self.service.requests_in_flight += 1
         try:
             await self.app(scope, receive, capture)
         finally:
-            self.service.requests_in_flight -= 1
             total = time.perf_counter() - started
-            self.metrics.request_latency.labels(route, self._model(scope, named)).observe(total)
+            self.metrics.request_latency.labels(route, self._model(context.model, scope, named)).observe(total)
             self.metrics.requests.labels(route, str(status)).inc()
             if status == 503:
                 self.metrics.refusal_latency.labels(route).observe(total)

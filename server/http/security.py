@@ -18,13 +18,13 @@ from typing import TextIO
 from pythonjsonlogger.json import JsonFormatter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.http.errors import request_has_body, send_error
-from server.request_context import request_id_var  # the one variable: the batcher reads it too
+from exitserve.server.http.context import SCOPE_KEY, context_of
+from exitserve.server.http.errors import request_has_body, send_error
+from exitserve.server.request_context import RequestContext, request_id_var  # the batcher and logs read it
 
 __all__ = ["ApiKeyAuth", "RequestIdLogFilter", "RequestIdMiddleware", "configure_logging", "request_id",
            "request_id_var"]
 
-REQUEST_ID_SCOPE_KEY = "exitserve.request_id"
 REQUEST_ID_HEADER = b"x-request-id"
 # What a client may choose as its request id: short and free of anything that could
 # split or forge a log line or a response header (no spaces, no CR/LF, no quotes).
@@ -57,7 +57,7 @@ new_request_id = _RequestIds()
 
 def request_id(scope: Scope) -> str | None:
     """The id RequestIdMiddleware gave this request, or None when it did not run."""
-    return scope.get(REQUEST_ID_SCOPE_KEY)
+    return context_of(scope).request_id if SCOPE_KEY in scope else None
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -69,8 +69,9 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 class RequestIdMiddleware:
-    """Gives every HTTP request an id: the client's ``X-Request-ID`` when it is safe to
-    echo and log, otherwise a fresh one (``new_request_id``). The id goes into the scope, into
+    """Gives every HTTP request its ``RequestContext`` and an id: the client's ``X-Request-ID``
+    when it is safe to echo and log, otherwise a fresh one (``new_request_id``). The id goes
+    into the context (in the scope), into
     ``request_id_var`` for the duration of the request (so log lines carry it) and into
     the response's ``x-request-id`` header."""
 
@@ -97,7 +98,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         rid = self._choose(scope)
-        scope[REQUEST_ID_SCOPE_KEY] = rid
+        scope[SCOPE_KEY] = RequestContext(request_id=rid)
         header = (REQUEST_ID_HEADER, rid.encode("ascii"))
 
         async def send_with_id(message: Message) -> None:

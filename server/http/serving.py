@@ -11,6 +11,9 @@
   ``shutdown_timeout_s`` before it cancels them and the process exits. A second signal
   skips the grace period.
 * **Workers**: ``workers`` > 1 runs that many processes on one socket (``serve_workers``).
+* **Malformed requests** that the HTTP parser itself refuses (a bad header, a duplicate
+  Content-Length, Content-Length beside chunked encoding) get the same JSON error body
+  and ``X-Request-ID`` as every other answer, not uvicorn's plain text.
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ from types import FrameType
 import uvicorn
 from prometheus_client.multiprocess import mark_process_dead
 
-from server.http.app import create_app
-from server.http.errors import error_body
-from server.http.security import configure_logging
-from server.service import InferenceService
-from server.settings import Settings, default_intra_op_threads
-from server.workers import WorkerGroup
+from exitserve.server.http.app import create_app
+from exitserve.server.http.errors import error_body
+from exitserve.server.http.security import REQUEST_ID_HEADER, configure_logging, new_request_id
+from exitserve.server.process import configure_process, freeze_heap_when_ready
+from exitserve.server.request_context import request_id_var
+from exitserve.server.settings import Settings, default_intra_op_threads
+from exitserve.server.state import ServerState
+from exitserve.server.workers import WorkerGroup
 
 log = logging.getLogger("exitserve")
 STARTUP_FAILURE = 3  # uvicorn's exit code when the app's startup fails
@@ -79,6 +84,19 @@ def header_timeout_protocol(timeout_s: float) -> type | str:
                 self._header_timer.cancel()
                 self._header_timer = None
 
+        def send_400_response(self, msg: str) -> None:
+            """The parser refused the request: our JSON error and a request id, then close."""
+            rid = new_request_id()
+            token = request_id_var.set(rid)
+            try:
+                body = error_body("bad_request", f"{msg.rstrip('.')}: the request is not valid HTTP/1.1")
+            finally:
+                request_id_var.reset(token)
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                                 + REQUEST_ID_HEADER + b": " + rid.encode() + b"\r\ncontent-length: "
+                                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+            self.transport.close()
+
         def _headers_too_slow(self) -> None:
             self._header_timer = None
             if self.transport.is_closing():
@@ -96,17 +114,16 @@ def header_timeout_protocol(timeout_s: float) -> type | str:
 class DrainingServer(uvicorn.Server):
     """uvicorn's server with a drain period before the listener closes."""
 
-    def __init__(self, config: uvicorn.Config, service: InferenceService, grace_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, state: ServerState, grace_s: float) -> None:
         super().__init__(config)
-        self.service = service
+        self.state = state
         self.grace_s = grace_s
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.service.draining or self.grace_s <= 0:  # a second signal, or no grace: go now
-            self.service.draining = True
+        first = self.state.begin_draining()
+        if not first or self.grace_s <= 0:  # a second signal, or no grace: go now
             super().handle_exit(sig, frame)
             return
-        self.service.draining = True
         log.info("draining: /readyz answers 503 for %g s, then the listener closes", self.grace_s)
         timer = threading.Timer(self.grace_s, super().handle_exit, args=(sig, frame))
         timer.daemon = True
@@ -116,13 +133,14 @@ class DrainingServer(uvicorn.Server):
 def _server(settings: Settings, log_level: str, workers: WorkerGroup | None = None) -> DrainingServer:
     """The app on uvicorn, with the header deadline, the drain period and the shutdown timeout."""
     configure_logging(log_level, settings.log_format)
-    app = create_app(settings, workers=workers)
+    configure_process(settings)
+    app = create_app(settings, workers=workers, while_ready=freeze_heap_when_ready)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=log_level, log_config=None, access_log=False,
         http=header_timeout_protocol(settings.header_timeout_s),
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)),
     )
-    return DrainingServer(config, app.state.service, settings.drain_grace_s)
+    return DrainingServer(config, app.state.service.state, settings.drain_grace_s)
 
 
 def serve(settings: Settings, log_level: str = "info") -> int:

@@ -26,7 +26,7 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
-from server.http.errors import RequestProblem
+from exitserve.server.http.errors import RequestProblem
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 LENGTH_PREFIX = struct.Struct("<I")

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from server.settings import Settings
+from exitserve.server.settings import Settings
 from tests.server.images import encode, fashion_images
 from tests.server.live import live_server
 

@@ -16,9 +16,9 @@ import yaml
 import exitserve
 from exitserve.cli import build_parser
 from exitserve.repository.format import MANIFEST_FORMAT_VERSION
-from server.http.app import create_app
-from server.metrics import Metrics
-from server.settings import Settings, default_intra_op_threads
+from exitserve.server.http.app import create_app
+from exitserve.server.metrics import Metrics
+from exitserve.server.settings import Settings, default_intra_op_threads
 from tests.test_container import DOCKERFILE, stages
 
 KUBERNETES_VERSION = "1.33.0"  # the version the manifests are written for (README, "Scaling out")

@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loadtest.images import encoded_test_images
-from server.settings import Settings
+from exitserve.loadtest.images import encoded_test_images
+from exitserve.server.settings import Settings
 from tests.deploy.ray_cluster import LocalRayCluster
 from tests.server.live import free_port, live_server, wait_until_ready
 from tests.server.test_reliability import metric

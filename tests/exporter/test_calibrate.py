@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from exitserve.cli import main as cli
-from exporter.calibrate import (
+from exitserve.exporter.calibrate import (
     GEOMETRIC_RATIOS,
     Candidate,
     budget_curve,
@@ -20,9 +20,9 @@ from exporter.calibrate import (
 from exitserve.repository.confidence import confidence, exits_taken
 from exitserve.repository.format import load_calibration, load_manifest
 from exitserve.repository.runtime import StagedModel
-from exporter.exit_table import ExitTable
-from models.data import load_splits
-from server.policy import point_for_budget
+from exitserve.exporter.exit_table import ExitTable
+from exitserve.models.data import load_splits
+from exitserve.server.policy import point_for_budget
 
 
 def easy_hard_table(n: int = 200) -> ExitTable:

@@ -11,11 +11,11 @@ import torch
 from exitserve.cli import main as cli
 from exitserve.repository.format import RepositoryError, load_manifest
 from exitserve.repository.runtime import StagedModel
-from exporter.export import ExportError, export_repository
-from exporter.parity import ParityError, check_parity, require_parity
-from models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from models.cost import exit_costs
-from models.data import load_splits
+from exitserve.exporter.export import ExportError, export_repository
+from exitserve.exporter.parity import ParityError, check_parity, require_parity
+from exitserve.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from exitserve.models.cost import exit_costs
+from exitserve.models.data import load_splits
 
 
 def test_manifest_schema_and_files(small_repository: Path, small_checkpoint: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.settings import Settings
+from exitserve.server.settings import Settings
 from tests.server.live import live_server
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import breakdown, wrk_bench
+from exitserve.loadtest import breakdown, wrk_bench
 
 pytestmark = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is installed by scripts/install.sh")
 
@@ -51,7 +51,7 @@ def test_breakdown_table(served_repository: Path, tmp_path: Path) -> None:
 
 
 def test_slo_bench_rows_and_plot(served_repository: Path, tmp_path: Path) -> None:
-    from loadtest import slo_bench
+    from exitserve.loadtest import slo_bench
 
     out, plot = tmp_path / "slo.json", tmp_path / "step.png"
     assert slo_bench.main(["--repository", str(served_repository), "--duration", "1", "--step-s", "1",

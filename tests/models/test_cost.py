@@ -1,8 +1,8 @@
 import torch
 from torch import nn
 
-from models.cost import count_params, exit_costs
-from models.registry import create_model
+from exitserve.models.cost import count_params, exit_costs
+from exitserve.models.registry import create_model
 
 
 def manual_macs(module: nn.Module, run) -> int:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.data import (
+from exitserve.models.data import (
     DatasetError,
     holdout_split,
     load_cifar_split,

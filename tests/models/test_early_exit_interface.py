@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.early_exit import run_stages
-from models.registry import create_model
+from exitserve.models.early_exit import run_stages
+from exitserve.models.registry import create_model
 
 CASES = [
     ("msdnet_fmnist", (1, 28, 28), {}, 3),

@@ -6,11 +6,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from exitserve.repository.format import load_manifest
-from exporter.export import export_repository
-from models.checkpoint import load_checkpoint, model_from_checkpoint
-from models.cost import exit_costs
-from models.espnetv2 import ESPNetv2Config, branch_dilations, load_reference_state_dict
-from models.registry import create_model, list_models
+from exitserve.exporter.export import export_repository
+from exitserve.models.checkpoint import load_checkpoint, model_from_checkpoint
+from exitserve.models.cost import exit_costs
+from exitserve.models.espnetv2 import ESPNetv2Config, branch_dilations, load_reference_state_dict
+from exitserve.models.registry import create_model, list_models
 from tests.models.seeded_weights import seeded_state_dict
 
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "espnetv2_reference.pt"

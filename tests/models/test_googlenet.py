@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.checkpoint import load_checkpoint
-from models.cost import count_params, exit_costs
-from models.googlenet import AdaptiveAvgPoolMatrix, GoogLeNet, GoogLeNetConfig
-from models.registry import create_model, list_models
+from exitserve.models.checkpoint import load_checkpoint
+from exitserve.models.cost import count_params, exit_costs
+from exitserve.models.googlenet import AdaptiveAvgPoolMatrix, GoogLeNet, GoogLeNetConfig
+from exitserve.models.registry import create_model, list_models
 from tests.models.seeded_weights import seeded_state_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -172,7 +172,7 @@ def test_training_smoke_writes_a_rebuildable_checkpoint(tiny_checkpoint: Path) -
 
 
 def test_export_with_parity(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    from exporter.export import FP32_TOLERANCE, export_repository
+    from exitserve.exporter.export import FP32_TOLERANCE, export_repository
 
     manifest, report = export_repository(tiny_checkpoint, tmp_path / "googlenet", parity_images=64, progress=False)
     assert report.passed

@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.checkpoint import strip_module_prefix
-from models.msdnet import MSDNetConfig
-from models.registry import create_model, list_models, register_model
+from exitserve.models.checkpoint import strip_module_prefix
+from exitserve.models.msdnet import MSDNetConfig
+from exitserve.models.registry import create_model, list_models, register_model
 
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "msdnet_cifar100_budget.pt"
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from exitserve.repository.preprocessing import normalize
-from models.data import load_splits
-from models.preprocess import Preprocessing
+from exitserve.models.data import load_splits
+from exitserve.models.preprocess import Preprocessing
 
 
 def torch_normalize(prep: Preprocessing, images: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from exitserve.cli import main as cli
-from models.checkpoint import (
+from exitserve.models.checkpoint import (
     CHECKPOINT_FORMAT,
     Checkpoint,
     CheckpointError,
@@ -14,8 +14,8 @@ from models.checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
 )
-from models.preprocess import Preprocessing
-from models.train import JointExitLoss, Trainer, TrainConfig, ema_average_fn
+from exitserve.models.preprocess import Preprocessing
+from exitserve.models.train import JointExitLoss, Trainer, TrainConfig, ema_average_fn
 
 SMALL = {"nBlocks": 2, "nChannels": 8, "growthRate": 4}
 WEIGHTS = Path(__file__).resolve().parents[2] / "models" / "weights"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.data import load_splits
+from exitserve.models.data import load_splits
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECK = ROOT / "scripts" / "device" / "check.py"

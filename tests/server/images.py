@@ -7,8 +7,8 @@ import zlib
 
 import numpy as np
 
-from loadtest.images import encode_image as encode
-from models.data import load_splits
+from exitserve.loadtest.images import encode_image as encode
+from exitserve.models.data import load_splits
 
 
 def fashion_images(count: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,8 +12,9 @@ from contextlib import contextmanager
 import httpx
 import uvicorn
 
-from server.http.app import create_app
-from server.settings import Settings
+from exitserve.server.http.app import create_app
+from exitserve.server.http.serving import header_timeout_protocol
+from exitserve.server.settings import Settings
 
 
 def free_port() -> int:
@@ -32,7 +33,8 @@ def live_server(settings: Settings, wait_ready: bool = True, timeout: float = 12
     app = create_app(settings)
     if apps is not None:
         apps.append(app)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                                           http=header_timeout_protocol(settings.header_timeout_s)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

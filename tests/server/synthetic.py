@@ -3,7 +3,9 @@ tested on chosen probabilities, without ONNX Runtime or a trained model.
 
 Each "image" is a K x C array: row k is the probability vector exit k reports for it.
 Stage k gathers the kept rows and reads row k, exactly as a real stage gathers its
-carried tensors with ``keep`` and computes its exit's softmax.
+carried tensors with ``keep`` and computes its exit's softmax. Through the data plane an
+image travels as the model's normalized input, K x C x C (``as_normalized``: the manifest
+says K channels of C x C), and stage k reads the first row of channel k.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from exitserve.repository.format import (
     InputSpec,
     LatencySpec,
     Manifest,
+    ServingConfig,
     SourceSpec,
     StageSpec,
 )
-from server.engine import ModelEngine
+from exitserve.server.catalog import ServedModel
+from exitserve.server.engine import ModelEngine
 
 COSTS = (0.2, 0.5, 1.0)
 
@@ -67,7 +71,7 @@ class SyntheticRuntime:
         if self.clock is not None and self.stage_ms:
             self.clock.advance_ms(self.stage_ms[index])
         self.calls.append((index, len(rows)))
-        return StageOut([rows], rows[:, index, :])
+        return StageOut([rows], rows[:, index, 0, :] if rows.ndim == 4 else rows[:, index, :])
 
 
 def probs_with_confidence(conf: np.ndarray, classes: int = 2) -> np.ndarray:
@@ -90,7 +94,8 @@ def synthetic_manifest(costs: Sequence[float] = COSTS, latency_ms: tuple[float, 
         for k, cost in enumerate(costs)
     ]
     return Manifest(name=name, exporter_version="test", opset=17,
-                    input=InputSpec(channels=1, size=2, mean=[0.5], std=[0.5]), labels=["a", "b"], stages=stages,
+                    input=InputSpec(channels=len(costs), size=2, mean=[0.5] * len(costs), std=[0.5] * len(costs)),
+                    labels=["a", "b"], stages=stages,
                     source=SourceSpec(checkpoint="-", sha256="-", model="synthetic", config={}, dataset="synthetic"))
 
 
@@ -119,3 +124,13 @@ def synthetic_engine(runtime: SyntheticRuntime | None = None, *, clock: FakeCloc
     return ModelEngine(runtime, synthetic_manifest(costs, name=name),
                        synthetic_calibration(costs) if calibrated else None,
                        default_budget=default_budget, online_budget=online_budget, **extra)
+
+
+def as_normalized(images: np.ndarray) -> np.ndarray:
+    """N x K x C synthetic images -> N x K x C x C, the normalized input the manifest declares."""
+    return np.repeat(images[:, :, None, :], images.shape[-1], axis=2)
+
+
+def served(engine: ModelEngine) -> ServedModel:
+    """A synthetic engine as the catalog serves it (no serving.json)."""
+    return ServedModel(engine, ServingConfig(), max_pixels=10**6)

@@ -9,10 +9,10 @@ import httpx
 import numpy as np
 import pytest
 
-from server.engine import ModelEngine
-from server.http.schemas import ClassifyResponse, ExitInfo, Timings, TopK
-from server.preprocess import decode_image
-from server.settings import Settings
+from exitserve.server.engine import ModelEngine
+from exitserve.server.http.schemas import ClassifyResponse, ExitInfo, Timings, TopK
+from exitserve.server.preprocess import decode_image
+from exitserve.server.settings import Settings
 from tests.server.images import bomb_png, encode, fashion_images
 from tests.server.live import live_server
 

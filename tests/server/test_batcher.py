@@ -1,4 +1,5 @@
-"""Dynamic batching on a synthetic engine: grouping, the queue bound, failure isolation."""
+"""Dynamic batching on a synthetic engine: grouping, the queue bound, failure isolation,
+and its one clock (a fake one where time has to pass: the delay window, the stall watch)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import numpy as np
 import pytest
 
 from exitserve.repository.confidence import ALWAYS
-from server.batcher import DynamicBatcher
-from server.errors import InferenceFailed, Overloaded
-from server.request_context import request_id_var
-from tests.server.synthetic import SyntheticRuntime, probs_with_confidence, synthetic_engine
+from exitserve.server import batcher as batcher_module
+from exitserve.server.batcher import DynamicBatcher
+from exitserve.server.errors import InferenceFailed, Overloaded
+from exitserve.server.request_context import request_id_var
+from tests.server.synthetic import FakeClock, SyntheticRuntime, probs_with_confidence, synthetic_engine
 
 THRESHOLDS = np.array([0.9, 0.9, ALWAYS])
 POISON = 0.51  # a confidence the failing runtime below refuses to process
@@ -72,10 +74,11 @@ def test_a_failed_batch_fails_its_requests_and_the_batcher_goes_on(caplog: pytes
         assert later.result.exit_index == 0  # the loop survived
         await batcher.stop()
 
-    with caplog.at_level("ERROR", logger="server.batcher"):
+    logger = batcher_module.log.name
+    with caplog.at_level("ERROR", logger=logger):
         asyncio.run(scenario())
     assert failures == ["synthetic"]
-    logged = [r for r in caplog.records if r.name == "server.batcher"]
+    logged = [r for r in caplog.records if r.name == logger]
     assert len(logged) == 1 and "req-0, req-1" in logged[0].getMessage() and logged[0].exc_info
 
 
@@ -136,18 +139,95 @@ def test_whole_jobs_count_against_the_queue_bound_until_they_run() -> None:
 def test_stall_watch_sees_work_without_progress() -> None:
     release = threading.Event()
     runtime = SyntheticRuntime(fail_when=lambda stage, rows: not release.wait(10))  # blocks until released
+    clock = FakeClock()
 
     async def scenario() -> None:
-        batcher = batcher_for(runtime, max_queue_delay_ms=0)
+        batcher = batcher_for(runtime, max_queue_delay_ms=0, clock=clock)
         batcher.start()
-        await asyncio.sleep(0.3)
+        clock.advance_ms(3_600_000)
         assert batcher.stalled_for() == 0.0  # idle is not stalled, however long
         stuck = asyncio.ensure_future(batcher.submit(image(), THRESHOLDS, float("inf")))
-        await asyncio.sleep(0.3)
-        assert batcher.stalled_for() >= 0.25
+        await asyncio.sleep(0)  # admitted: work arrived to an idle model, the watch starts now
+        assert batcher.pending_images == 1 and batcher.stalled_for() == 0.0
+        clock.advance_ms(300)
+        assert batcher.stalled_for() == pytest.approx(0.3)
+        clock.advance_ms(700)
+        assert batcher.stalled_for() == pytest.approx(1.0)
         release.set()
-        await stuck
+        await asyncio.wait_for(stuck, 5)
         assert batcher.stalled_for() == 0.0
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_progress_restarts_the_stall_watch() -> None:
+    """A finished batch is progress even while more work waits: the watch measures from it."""
+    clock = FakeClock()
+    gates = [threading.Event(), threading.Event()]  # one per batch: its first stage waits for it
+
+    def held(stage: int, rows: np.ndarray) -> bool:
+        if stage == 0:
+            gates[1 if runtime.calls else 0].wait(10)
+        return False  # never fails
+
+    runtime = SyntheticRuntime(fail_when=held)
+
+    async def scenario() -> None:
+        batcher = batcher_for(runtime, max_queue_delay_ms=0, max_batch_size=1, clock=clock)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(image(), THRESHOLDS, float("inf")))
+        second = asyncio.ensure_future(batcher.submit(image(), THRESHOLDS, float("inf")))
+        await asyncio.sleep(0)
+        clock.advance_ms(2000)
+        assert batcher.stalled_for() == pytest.approx(2.0)
+        gates[0].set()
+        await asyncio.wait_for(first, 5)  # the second now runs, and blocks
+        assert batcher.pending_images == 1 and batcher.stalled_for() == 0.0
+        clock.advance_ms(500)
+        assert batcher.stalled_for() == pytest.approx(0.5)
+        gates[1].set()
+        await asyncio.wait_for(second, 5)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_queue_and_inference_times_come_from_the_batchers_clock() -> None:
+    """One clock for the whole batch: the stages advance the fake clock, so the outcome's
+    times are exactly what it says, with no real time in them."""
+    clock = FakeClock()
+    runtime = SyntheticRuntime(clock=clock, stage_ms=(2.0, 3.0, 5.0))
+
+    async def scenario() -> None:
+        batcher = batcher_for(runtime, max_queue_delay_ms=0, clock=clock)
+        waiting = asyncio.ensure_future(batcher.submit(image(0.6), THRESHOLDS, float("inf")))
+        await asyncio.sleep(0)  # queued at t = 0, before the loop runs
+        clock.advance_ms(7)
+        batcher.start()
+        outcome = await asyncio.wait_for(waiting, 5)
+        assert outcome.result.exit_index == 2  # not confident before the last exit: every stage ran
+        assert outcome.queue_ms == pytest.approx(7.0)
+        assert outcome.inference_ms == pytest.approx(10.0)
+        assert outcome.finished == pytest.approx(0.017) == clock()
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_the_delay_window_is_read_on_the_batchers_clock() -> None:
+    """A window that the clock says is over closes the batch at once: with a 10 s delay, a
+    lone request whose window ended before the loop saw it runs without waiting."""
+    clock = FakeClock()
+
+    async def scenario() -> None:
+        batcher = batcher_for(max_queue_delay_ms=10_000, clock=clock)
+        waiting = asyncio.ensure_future(batcher.submit(image(), THRESHOLDS, float("inf")))
+        await asyncio.sleep(0)  # queued at t = 0
+        clock.advance_ms(10_001)
+        batcher.start()
+        outcome = await asyncio.wait_for(waiting, 5)  # not 10 s: the window was over
+        assert outcome.batch_size == 1 and outcome.queue_ms == pytest.approx(10_001)
         await batcher.stop()
 
     asyncio.run(scenario())

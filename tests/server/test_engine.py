@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from exitserve.repository.confidence import ALWAYS, NEVER, exits_taken
-from exporter.exit_table import exit_table
-from models.data import load_splits
-from server.engine import ModelEngine
+from exitserve.exporter.exit_table import exit_table
+from exitserve.models.data import load_splits
+from exitserve.server.engine import ModelEngine
 from tests.server.synthetic import FakeClock, SyntheticRuntime, probs_with_confidence, synthetic_engine
 
 

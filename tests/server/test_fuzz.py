@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from server.settings import Settings
+from exitserve.server.settings import Settings
 from tests.server.live import live_server
 
 SCHEMATHESIS = shutil.which("schemathesis") or str(Path(__file__).resolve().parents[2] / ".venv/bin/schemathesis")

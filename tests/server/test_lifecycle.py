@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from models.data import load_splits
-from server.http.app import create_app
-from server.metrics import Metrics
-from server.service import InferenceService, RequestOptions, StartupError
-from server.settings import Settings
+from exitserve.models.data import load_splits
+from exitserve.server.http.app import create_app
+from exitserve.server.metrics import Metrics
+from exitserve.server.dataplane import InferenceRequest, NormalizedImages
+from exitserve.server.options import InferenceOptions
+from exitserve.server.service import InferenceService, StartupError
+from exitserve.server.settings import Settings
 from tests.server.images import encode
-from tests.server.synthetic import SyntheticRuntime, probs_with_confidence, synthetic_engine
+from tests.server.synthetic import SyntheticRuntime, as_normalized, probs_with_confidence, served, synthetic_engine
 from tests.server.live import live_server
 
 
@@ -49,9 +51,9 @@ def test_draining_is_not_ready(served_repository: Path) -> None:
     with TestClient(app) as client:
         while client.get("/readyz").status_code != 200:
             time.sleep(0.05)
-        app.state.service.draining = True
+        app.state.service.state.draining = True
         assert client.get("/readyz").json()["status"] == "draining"
-        app.state.service.draining = False
+        app.state.service.state.draining = False
 
 
 def test_overloaded_server_answers_503_with_retry_after(served_repository: Path) -> None:
@@ -62,10 +64,10 @@ def test_overloaded_server_answers_503_with_retry_after(served_repository: Path)
         while client.get("/readyz").status_code != 200:
             time.sleep(0.05)
         service = app.state.service
-        service.batchers["msdnet_fmnist"].waiting_images = 1  # the queue is full
+        service.models["msdnet_fmnist"].batcher.waiting_images = 1  # the queue is full
         single = client.post("/classify", content=image, headers={"content-type": "image/png"})
         batch = client.post("/classify/batch", files=[("files", ("a.png", image, "image/png"))])
-        service.batchers["msdnet_fmnist"].waiting_images = 0
+        service.models["msdnet_fmnist"].batcher.waiting_images = 0
         metrics = client.get("/metrics").text
     for response in (single, batch):
         assert response.status_code == 503 and response.headers["retry-after"] == "1"
@@ -81,15 +83,12 @@ def test_only_default_budget_traffic_feeds_the_controller() -> None:
     image = probs_with_confidence(np.full((1, 3), 0.6))[0]  # never confident: runs to the last exit
 
     async def scenario() -> None:
-        service.attach({"synthetic": engine})
-        for options in (RequestOptions(budget=0.5), RequestOptions(thresholds=[0.9, 0.9])):
-            thresholds, _ = service.thresholds(engine, options)
-            await service.classify(engine, image, thresholds, options, time.perf_counter())
+        service.attach({"synthetic": served(engine)})
+        for options in (InferenceOptions(budget=0.5), InferenceOptions("thresholds", thresholds=(0.9, 0.9))):
+            await service.plane.infer(InferenceRequest(NormalizedImages(as_normalized(image[None])), options))
         assert engine.policy.controller.measured is None and engine.policy.effective_budget == 0.5
-        options = RequestOptions()
-        thresholds, _ = service.thresholds(engine, options)
-        outcome = await service.classify(engine, image, thresholds, options, time.perf_counter())
-        assert outcome.result.cost_fraction == 1.0
+        result = await service.plane.infer(InferenceRequest(NormalizedImages(as_normalized(image[None]))))
+        assert result.results[0].cost_fraction == 1.0
         assert engine.policy.controller.measured == 1.0 and engine.policy.effective_budget < 0.5
         await service.stop()
 
@@ -115,10 +114,9 @@ def test_readiness_turns_503_when_a_model_stops_making_progress() -> None:
     image = probs_with_confidence(np.full((1, 3), 0.95))[0]
 
     async def scenario() -> None:
-        service.attach({"synthetic": engine})
+        service.attach({"synthetic": served(engine)})
         assert service.readiness()[0]
-        stuck = asyncio.ensure_future(service.classify(engine, image, engine.policy.thresholds_for(None),
-                                                       RequestOptions(), time.perf_counter()))
+        stuck = asyncio.ensure_future(service.plane.infer(InferenceRequest(NormalizedImages(as_normalized(image[None])))))
         await asyncio.sleep(0.5)
         ready, body = service.readiness()
         assert not ready and body["status"] == "stalled" and body["models"] == ["synthetic"]

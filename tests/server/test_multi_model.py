@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from exporter.calibrate import calibrate_repository
-from exporter.export import export_repository
-from server.settings import Settings
+from exitserve.exporter.calibrate import calibrate_repository
+from exitserve.exporter.export import export_repository
+from exitserve.server.settings import Settings
 from tests.server.images import encode, fashion_images
 from tests.server.live import live_server
 
@@ -86,8 +86,8 @@ def test_a_default_budget_below_the_first_exit_refuses_the_start(three_family_re
                                                                   serving, message: str) -> None:
     from fastapi.testclient import TestClient
 
-    from server.http.app import create_app
-    from server.service import StartupError
+    from exitserve.server.http.app import create_app
+    from exitserve.server.service import StartupError
 
     shutil.copytree(three_family_repository / "espnetv2_fmnist", tmp_path / "repo" / "espnetv2_fmnist")
     path = tmp_path / "repo" / "espnetv2_fmnist" / "serving.json"
@@ -107,7 +107,7 @@ def test_per_model_batch_queue_and_pixel_limits(three_family_repository: Path, t
         json.dumps({"max_batch_size": 2, "max_queue_images": 3, "max_pixels": 1000}))
     apps: list = []
     with live_server(Settings(model_repository=tmp_path / "repo"), apps=apps) as url:
-        batcher = apps[0].state.service.batchers["msdnet_fmnist"]
+        batcher = apps[0].state.service.models["msdnet_fmnist"].batcher
         assert (batcher.max_batch_size, batcher.max_queue_images) == (2, 3)
         big = encode(np.zeros((40, 40, 1), np.uint8))  # 1,600 pixels
         refused = httpx.post(f"{url}/classify", content=big, headers={"content-type": "image/png"})

@@ -10,9 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loadtest.breakdown import phase_means_ms, phase_totals
-from server.http.phases import FRAMEWORK, PARTITION
-from server.settings import Settings
+from exitserve.loadtest.breakdown import phase_means_ms, phase_totals
+from exitserve.server.http.phases import FRAMEWORK, PARTITION
+from exitserve.server.process import configure_process
+from exitserve.server.settings import Settings
 from tests.server.images import encode, fashion_images
 from tests.server.live import live_server
 
@@ -46,6 +47,17 @@ def test_phases_partition_each_request(url: str) -> None:
     assert 0 < stages <= means["inference"]  # the stages run inside the batch's run
 
 
-def test_app_sets_the_switch_interval(url: str) -> None:
-    # live_server runs the app in this process: its lifespan set the interval
-    assert sys.getswitchinterval() == pytest.approx(7e-6)
+def test_the_app_leaves_the_process_alone(url: str) -> None:
+    """live_server runs an app with switch_interval_us=7 in this process: building and
+    serving it must not change process-wide settings (tests build many apps); the
+    process's entry point applies them."""
+    assert sys.getswitchinterval() != pytest.approx(7e-6)
+
+
+def test_configure_process_sets_the_switch_interval() -> None:
+    before = sys.getswitchinterval()
+    try:
+        configure_process(Settings(switch_interval_us=7))
+        assert sys.getswitchinterval() == pytest.approx(7e-6)
+    finally:
+        sys.setswitchinterval(before)

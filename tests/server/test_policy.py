@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from exitserve.repository.confidence import ALWAYS, NEVER
-from server.errors import InvalidOptions
-from server.policy import BudgetController, BudgetedSchedule, StageLatency, ThresholdSchedule, point_for_budget
+from exitserve.server.errors import InvalidOptions
+from exitserve.server.policy import BudgetController, BudgetedSchedule, StageLatency, ThresholdSchedule, point_for_budget
 from tests.server.synthetic import (
     COSTS,
     FakeClock,
@@ -32,7 +32,7 @@ def run_budgeted(conf: np.ndarray, budget: float, thresholds: np.ndarray, costs=
 
 def test_policy_imports_without_onnxruntime_or_fastapi() -> None:
     blocked = "import sys\nfor name in ('onnxruntime', 'fastapi', 'starlette', 'uvicorn'):\n    sys.modules[name] = None\n"
-    code = blocked + "import server.policy\nprint('ok')"
+    code = blocked + "import exitserve.server.policy\nprint('ok')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 

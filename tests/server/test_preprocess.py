@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.preprocess import decode_image
+from exitserve.server.preprocess import decode_image
 from exitserve.repository.format import InputSpec
 
 SPEC = InputSpec(channels=1, size=28, mean=[0.5], std=[0.5])

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.settings import Settings
+from exitserve.server.settings import Settings
 from tests.server.images import encode, fashion_images
 from tests.server.live import free_port, live_server
 

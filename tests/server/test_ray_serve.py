@@ -1,6 +1,7 @@
 """The Ray Serve deployment's pieces that need no cluster: replica sizing, deployment
-options, the settings handed to replicas, the Serve config file and the metrics listener.
-(tests/deploy/test_ray_cluster.py runs the whole thing on a real two-node cluster.)"""
+options, the settings handed to replicas, the Serve config file, the metrics listener and
+the list of metrics targets. (tests/deploy/test_ray_cluster.py runs the whole thing on a
+real two-node cluster.)"""
 
 from __future__ import annotations
 
@@ -16,9 +17,15 @@ pytest.importorskip("ray.serve", reason="the 'ray' extra is not installed")
 
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
-from server.http import ray_serve  # noqa: E402
-from server.http.ray_serve import RayOptions, replica_intra_op_threads, settings_for_replicas  # noqa: E402
-from server.settings import Settings  # noqa: E402
+from exitserve.errors import ExitserveError  # noqa: E402
+from exitserve.server.deployments import ray_serve  # noqa: E402
+from exitserve.server.deployments.ray_serve import (  # noqa: E402
+    MetricsTargets,
+    RayOptions,
+    replica_intra_op_threads,
+    settings_for_replicas,
+)
+from exitserve.server.settings import Settings  # noqa: E402
 
 SERVE_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "ray" / "serve.yaml"
 
@@ -38,8 +45,9 @@ def test_fixed_replicas_or_autoscaling_and_the_drain_follows_the_settings() -> N
     assert "num_replicas" not in scaled
     config = scaled["autoscaling_config"]
     assert (config.min_replicas, config.max_replicas, config.target_ongoing_requests) == (2, 6, 4)
-    with pytest.raises(ValueError, match="below replicas"):
+    with pytest.raises(ValueError, match="below replicas") as refused:
         RayOptions(replicas=4, max_replicas=2).deployment_options(settings)
+    assert isinstance(refused.value, ExitserveError)  # a user's mistake: the command prints it, no traceback
 
 
 def test_replicas_get_every_setting_resolved_once_but_the_proxys_address() -> None:
@@ -59,7 +67,7 @@ def test_the_serve_config_file_is_valid_and_its_builder_builds_it() -> None:
     config = yaml.safe_load(SERVE_CONFIG.read_text())
     schema = ServeDeploySchema.model_validate(config)
     [app] = schema.applications
-    assert app.import_path == "server.http.ray_serve:app_builder" and app.route_prefix == "/"
+    assert app.import_path == "exitserve.server.deployments.ray_serve:app_builder" and app.route_prefix == "/"
     assert [d.name for d in app.deployments] == [ray_serve.APP_NAME]  # the config's section meets the deployment
     module, _, name = app.import_path.partition(":")
     builder = getattr(__import__(module, fromlist=[name]), name)
@@ -85,3 +93,24 @@ def test_the_metrics_listener_takes_the_next_free_port_of_its_range() -> None:
         finally:
             server.shutdown()
             server.server_close()
+
+
+def group(replica: str, target: str) -> dict:
+    return {"targets": [target], "labels": {"replica": replica, "node": "n"}}
+
+
+def test_metrics_targets_list_registered_replicas_and_drop_those_ray_no_longer_lists() -> None:
+    alive = {"SERVE_REPLICA::a", "SERVE_REPLICA::b", "SERVE_REPLICA::c"}
+    targets = MetricsTargets(alive=lambda: alive)
+    targets.register("SERVE_REPLICA::b", group("b", "10.0.0.2:9100"))
+    targets.register("SERVE_REPLICA::a", group("a", "10.0.0.1:9100"))
+    targets.register("SERVE_REPLICA::c", group("c", "10.0.0.3:9100"))
+    assert targets.live() == [group("a", "10.0.0.1:9100"), group("b", "10.0.0.2:9100"), group("c", "10.0.0.3:9100")]
+    targets.unregister("SERVE_REPLICA::c")  # stopped cleanly
+    targets.unregister("SERVE_REPLICA::gone-before")  # never there, or unregistered twice: no error
+    alive.discard("SERVE_REPLICA::b")  # lost with its node: it could not unregister
+    assert targets.live() == [group("a", "10.0.0.1:9100")]
+    alive.add("SERVE_REPLICA::b")  # the entry went with the replica; a new one registers anew
+    assert targets.live() == [group("a", "10.0.0.1:9100")]
+    targets.register("SERVE_REPLICA::a", group("a", "10.0.0.1:9101"))  # a replica re-registering replaces its entry
+    assert targets.live() == [group("a", "10.0.0.1:9101")]

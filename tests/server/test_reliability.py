@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.settings import Settings
+from exitserve.server.settings import Settings
 from tests.server.images import encode, fashion_images
 from tests.server.live import free_port, live_server, wait_until_ready
 
@@ -217,7 +217,7 @@ def test_a_client_that_vanishes_mid_upload_is_a_499_not_a_500(served, caplog: py
 def test_refusal_comes_before_the_body_is_read(served) -> None:
     url, app = served
     port = int(url.rsplit(":", 1)[1])
-    batcher = app.state.service.batchers[MODEL]
+    batcher = app.state.service.models[MODEL].batcher
     batcher.waiting_images = batcher.max_queue_images  # the queue is full
     try:
         got, after, closed = raw_request(port, post_head("/classify", 5_000_000), b"\x89PNG" * 1000, wait_s=5)
@@ -243,12 +243,12 @@ def test_per_model_pixel_limit_and_bounded_large_decodes(served) -> None:
     refused = httpx.post(f"{url}/classify", content=encode(big), headers={"content-type": "image/png"})
     assert refused.status_code == 413 and "4194304" in refused.json()["detail"]
     large = encode(np.random.default_rng(0).integers(0, 255, (1200, 1200, 1), dtype=np.uint8))  # 1.44 MP
-    service.large_decodes_peak = 0
+    service.plane.decoder.large_peak = 0
     with ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(lambda _: httpx.post(f"{url}/classify", content=large, timeout=60,
                                                    headers={"content-type": "image/png"}).status_code, range(8)))
     assert codes == [200] * 8
-    assert 1 <= service.large_decodes_peak <= 2
+    assert 1 <= service.plane.decoder.large_peak <= 2
 
 
 def test_cut_off_multipart_and_extra_thresholds_are_refused(served) -> None:

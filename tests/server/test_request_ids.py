@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from server.http.security import new_request_id
+from exitserve.server.http.security import new_request_id
 
 
 def test_ids_are_32_hex_digits_and_unique() -> None:
@@ -34,8 +34,8 @@ def test_behind_a_proxy_that_sets_it_the_app_sends_no_request_id_of_its_own(tmp_
     yet still say who answered."""
     from fastapi.testclient import TestClient
 
-    from server.http.app import create_app
-    from server.settings import Settings
+    from exitserve.server.http.app import create_app
+    from exitserve.server.settings import Settings
 
     settings = Settings(model_repository=tmp_path)  # no lifespan here: the middleware is what is tested
     assert TestClient(create_app(settings)).get("/healthz").headers["x-request-id"]

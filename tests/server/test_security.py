@@ -16,8 +16,8 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.http import security
-from server.http.security import (
+from exitserve.server.http import security
+from exitserve.server.http.security import (
     UVICORN_LOGGERS,
     ApiKeyAuth,
     RequestIdLogFilter,
@@ -192,7 +192,7 @@ def test_contextvar_reset_after_request(id_client: tuple[TestClient, Probe]) -> 
 
 def test_sets_the_shared_request_context_variable() -> None:
     """The batcher reads server.request_context: the middleware must set that variable."""
-    from server import request_context
+    from exitserve.server import request_context
 
     assert request_id_var is request_context.request_id_var
 

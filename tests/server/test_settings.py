@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from server.settings import Settings
+from exitserve.server.settings import Settings
 
 
 def test_environment_variables_use_the_exitserve_prefix(monkeypatch: pytest.MonkeyPatch) -> None:

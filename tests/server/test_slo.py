@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from server.slo import LatencyObjective, ladder_for
+from exitserve.server.slo import LatencyObjective, ladder_for
 
 LADDER = [0.25, 0.225, 0.2, 0.18, 0.16, 0.14, 0.11]
 OBJECTIVE = 50.0
@@ -194,8 +194,8 @@ def test_rejects_a_nonsense_objective() -> None:
 def test_the_objective_caps_the_policy_and_pauses_the_online_controller() -> None:
     import numpy as np
 
-    from server.errors import InvalidOptions
-    from server.policy import ExitPolicy
+    from exitserve.server.errors import InvalidOptions
+    from exitserve.server.policy import ExitPolicy
     from tests.server.synthetic import synthetic_calibration, synthetic_manifest
 
     policy = ExitPolicy(synthetic_manifest(), synthetic_calibration(), default_budget=0.5)

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loadtest.slo_bench import scrape
-from server.settings import Settings
+from exitserve.loadtest.slo_bench import scrape
+from exitserve.server.settings import Settings
 from tests.server.images import encode, fashion_images
 from tests.server.live import live_server
 

@@ -11,8 +11,8 @@ import zlib
 import numpy as np
 import pytest
 
-from server.http.errors import RequestProblem
-from server.http.v2_codec import OutputTensor, decompress, encode_response, parse_request, to_array
+from exitserve.server.http.errors import RequestProblem
+from exitserve.server.http.v2_codec import OutputTensor, decompress, encode_response, parse_request, to_array
 
 
 def framed(header: dict, *blobs: bytes) -> tuple[bytes, str]:

@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from exitserve.repository.format import load_manifest
-from server.http.app import create_app
-from server.settings import Settings
+from exitserve.server.http.app import create_app
+from exitserve.server.settings import Settings
 from tests.server.images import encode, fashion_images
 from tests.server.live import live_server
 

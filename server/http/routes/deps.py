@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from server.service import InferenceService
-from server.settings import Settings
+from exitserve.server.service import InferenceService
+from exitserve.server.settings import Settings
 
 
 # async: FastAPI runs plain ``def`` dependencies in its thread pool, a thread hop per request

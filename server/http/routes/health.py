@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from server.http.routes.deps import Service
+from exitserve.server.http.routes.deps import Service
 
 router = APIRouter()
 

@@ -7,9 +7,9 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from server.engine import ModelEngine
-from server.http.routes.deps import Service
-from server.http.schemas import ErrorResponse
+from exitserve.server.engine import ModelEngine
+from exitserve.server.http.routes.deps import Service
+from exitserve.server.http.schemas import ErrorResponse
 
 router = APIRouter(prefix="/v1")
 
@@ -41,15 +41,16 @@ def public_manifest(engine: ModelEngine) -> dict[str, Any]:
 @router.get("/models", summary="The models this server serves",
             responses={503: {"model": ErrorResponse, "description": "models are still loading"}})
 async def list_models(service: Service) -> dict[str, Any]:
-    service.engine(None)  # 503 while loading
-    return {"models": [summary(e, name == service.default_model) for name, e in sorted(service.engines.items())]}
+    catalog = service.catalog
+    catalog.get(None)  # 503 while loading
+    return {"models": [summary(m.engine, name == catalog.default) for name, m in sorted(catalog.models.items())]}
 
 
 @router.get("/models/{name}", summary="A model's manifest, calibration summary, provider and budget in force",
             responses={404: {"model": ErrorResponse, "description": "no such model"},
                        503: {"model": ErrorResponse, "description": "models are still loading"}})
 async def model_detail(name: str, service: Service) -> dict[str, Any]:
-    engine = service.engine(name)
+    engine = service.catalog.get(name).engine
     calibration = engine.calibration
     calibration_summary = None
     if calibration is not None:
@@ -81,7 +82,7 @@ async def model_detail(name: str, service: Service) -> dict[str, Any]:
             "answered": answered,
         }
     return {
-        **summary(engine, name == service.default_model),
+        **summary(engine, name == service.catalog.default),
         "measured_mean_cost": measured,
         "latency_objective": objective_report,
         "stage_latency_ms": [round(lat.predict_ms(1), 4) for lat in engine.policy.latency],

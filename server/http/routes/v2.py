@@ -16,8 +16,6 @@ INT32 [N], ``cost_fraction`` FP32 [N]. Parameters: ``budget`` (each image on its
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 import numpy as np
@@ -28,13 +26,16 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
 import exitserve
-from server.engine import ModelEngine
-from server.errors import BadImage, InvalidInput, InvalidOptions, NotReady, ServingError, UnknownModel
-from server.http.errors import RequestProblem, protocol_error_of, protocol_error_response
-from server.http.middleware import record_model
-from server.http.routes.classify import check_budget, check_deadline, parse_number
-from server.http.routes.deps import AppSettings, Service
-from server.http.v2_codec import (
+from exitserve.server.catalog import ServedModel
+from exitserve.server import dataplane
+from exitserve.server.dataplane import EncodedImages, InferenceResult, Inputs, NormalizedImages, PixelImages
+from exitserve.server.engine import ModelEngine
+from exitserve.server.errors import BadImage, InvalidInput, InvalidOptions, NotReady, ServingError, UnknownModel
+from exitserve.server.http.context import context_of
+from exitserve.server.http.errors import RequestProblem, protocol_error_of, protocol_error_response
+from exitserve.server.http.routes.deps import AppSettings, Service
+from exitserve.server.options import parse_options
+from exitserve.server.http.v2_codec import (
     HEADER_LENGTH,
     InferenceRequest,
     OutputTensor,
@@ -45,8 +46,7 @@ from server.http.v2_codec import (
     parse_request,
     to_array,
 )
-from server.policy import ExitResult
-from server.service import InferenceService, RequestOptions
+from exitserve.server.service import InferenceService
 
 VERSION = "1"  # a model folder is one version
 PLATFORM = "exitserve_staged_onnx"
@@ -172,6 +172,7 @@ INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 INPUTS = {"images": "BYTES", "pixels": "UINT8", "normalized": "FP32"}
 OUTPUTS = {"probabilities": "FP32", "class_index": "INT64", "exit_index": "INT32", "cost_fraction": "FP32"}
+PARAMETERS = ("budget", "batch_budget", "deadline_ms")  # the request parameters that are early-exit options
 
 
 def model_metadata(engine: ModelEngine, max_images: int) -> ModelMetadata:
@@ -203,11 +204,11 @@ def model_metadata(engine: ModelEngine, max_images: int) -> ModelMetadata:
     )
 
 
-def resolve(service: InferenceService, name: str, version: str | None) -> ModelEngine:
-    engine = service.engine(name)
+def resolve(service: InferenceService, name: str, version: str | None) -> ServedModel:
+    model = service.catalog.get(name)
     if version is not None and version != VERSION:
         raise UnknownModel(f"model {name!r} has no version {version!r}; it has version {VERSION}")
-    return engine
+    return model
 
 
 # ---------------------------------------------------------------------------- health and metadata
@@ -234,11 +235,11 @@ async def ready(service: Service) -> Response:
 
 
 async def _model_ready(service: InferenceService, name: str, version: str | None) -> ModelReadiness:
-    engine = resolve(service, name, version)  # 503 while loading, 404 for an unknown model
+    model = resolve(service, name, version)  # 503 while loading, 404 for an unknown model
     is_ready, body = service.readiness()
-    if not is_ready and (body["status"] != "stalled" or engine.name in body.get("models", [])):
-        raise NotReady(f"{engine.name} is not ready: {body.get('detail') or body['status']}")
-    return ModelReadiness(name=engine.name, ready=True)
+    if not is_ready and (body["status"] != "stalled" or model.name in body.get("models", [])):
+        raise NotReady(f"{model.name} is not ready: {body.get('detail') or body['status']}")
+    return ModelReadiness(name=model.name, ready=True)
 
 
 @router.get("/models/{name}/ready", response_model=ModelReadiness, summary="Model readiness",
@@ -256,23 +257,16 @@ async def model_version_ready(name: str, version: str, service: Service) -> Mode
 @router.get("/models/{name}", response_model=ModelMetadata, summary="Model metadata: inputs, outputs, shapes",
             responses=_errors(404, 503))
 async def model(name: str, service: Service, settings: AppSettings) -> ModelMetadata:
-    return model_metadata(resolve(service, name, None), settings.max_files)
+    return model_metadata(resolve(service, name, None).engine, settings.max_files)
 
 
 @router.get("/models/{name}/versions/{version}", response_model=ModelMetadata,
             summary="Model metadata (one version)", responses=_errors(404, 503))
 async def model_version(name: str, version: str, service: Service, settings: AppSettings) -> ModelMetadata:
-    return model_metadata(resolve(service, name, version), settings.max_files)
+    return model_metadata(resolve(service, name, version).engine, settings.max_files)
 
 
 # ---------------------------------------------------------------------------- inference
-
-
-def _number(parameters: dict[str, Any], name: str) -> float | None:
-    value = parameters.get(name)
-    if isinstance(value, bool):
-        raise InvalidOptions(f"{name} must be a number, got {value!r}", code=f"invalid_{name}")
-    return parse_number(name, None if value is None else str(value))
 
 
 def _flag(parameters: dict[str, Any], name: str, default: bool, where: str) -> bool:
@@ -323,25 +317,17 @@ def the_input(request: InferenceRequest, engine: ModelEngine, max_images: int) -
     return tensor
 
 
-async def model_input(service: InferenceService, engine: ModelEngine, name: str,
-                      array: np.ndarray) -> np.ndarray:
-    """The normalized N x C x H x W batch for stage 0, from whichever input was sent."""
-    if name == "images":
-        decoded = await asyncio.gather(*(service.decode(blob, engine) for blob in array), return_exceptions=True)
-        for i, outcome in enumerate(decoded):
-            if isinstance(outcome, BadImage):
-                raise type(outcome)(f"input 'images' element {i}: {outcome.detail}") from None
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return np.stack([image for image, _ in decoded])
-    if name == "pixels":
-        pixels = array[..., None] if array.ndim == 3 else array
-        return (await service.from_pixels(pixels, engine))[0]
-    return service.check_normalized(array, engine)
+def model_inputs(tensor: RequestInput, array: np.ndarray) -> Inputs:
+    """The data plane's form of whichever input was sent."""
+    if tensor.name == "images":
+        return EncodedImages(list(array))
+    if tensor.name == "pixels":
+        return PixelImages(array[..., None] if array.ndim == 3 else array)
+    return NormalizedImages(array)
 
 
-def _outputs(engine: ModelEngine, results: list[ExitResult],
-             wanted: list[tuple[str, bool, int]]) -> list[OutputTensor]:
+def _outputs(engine: ModelEngine, result: InferenceResult, wanted: list[tuple[str, bool, int]]) -> list[OutputTensor]:
+    results = result.results
     probs = np.stack([r.probs for r in results]).astype(np.float32)  # N x classes
     arrays = {
         "probabilities": probs,
@@ -363,53 +349,44 @@ def _outputs(engine: ModelEngine, results: list[ExitResult],
     return tensors
 
 
-async def _infer(request: Request, service: InferenceService, max_images: int, max_body_bytes: int, name: str,
-                 version: str | None) -> Response:
-    arrived = time.perf_counter()
-    engine = resolve(service, name, version)
-    record_model(request.scope, engine.name)
-    service.check_admission(engine, 1)  # a full queue refuses before the body is read
-    body = decompress(await request.body(), request.headers.get("content-encoding"), max_body_bytes)
-    parsed, blobs = parse_request(body, request.headers.get(HEADER_LENGTH))
-
-    # every option and output checked before any image is decoded
-    parameters = parsed.parameters
-    budget = check_budget(_number(parameters, "budget"))
-    batch_budget = check_budget(_number(parameters, "batch_budget"), "batch_budget")
-    deadline = check_deadline(_number(parameters, "deadline_ms"))
-    if batch_budget is not None:
-        if budget is not None or deadline is not None:
-            raise InvalidOptions("batch_budget is one budget for the whole request: give it without budget or "
-                                 "deadline_ms", code="conflicting_options")
-        engine.policy.check_batch_budget(batch_budget)
-    options = RequestOptions(budget=budget, deadline_ms=deadline)
-    thresholds, used = service.thresholds(engine, options)
-    wanted = requested_outputs(parsed, len(engine.manifest.labels))
-    tensor = the_input(parsed, engine, max_images)
-    images = await model_input(service, engine, tensor.name, to_array(tensor, blobs[0]))
-
-    if batch_budget is not None:
-        results = await service.classify_budgeted(engine, images, batch_budget)
-    else:
-        results = [o.result for o in await service.classify_each(engine, images, thresholds, options, arrived)]
-    mean_cost = float(np.mean([r.cost_fraction for r in results]))
-    if batch_budget is not None:
-        answer: dict[str, Parameter] = {"policy": "batch_budget", "budget": batch_budget,
-                                        "spent_fraction": round(mean_cost / batch_budget, 6)}
-        expected = engine.policy.expected_accuracy(batch_budget)
-        if expected is not None:
+def answer_parameters(result: InferenceResult) -> dict[str, Parameter]:
+    """The early-exit part of the answer: the budget decision and what was spent."""
+    decision = result.budget
+    answer: dict[str, Parameter] = {"policy": decision.policy, "budget": decision.requested}
+    if decision.policy == "batch_budget":
+        answer["spent_fraction"] = round(result.spent_fraction or 0.0, 6)
+        if (expected := result.expected_accuracy) is not None:
             answer["expected_accuracy"] = expected
     else:
-        budget_used = used if used is not None else engine.policy.default_budget  # None: explicit thresholds only
-        answer = {"policy": "budget", "budget": budget_used,
-                  "budget_applied": max(budget_used, engine.policy.min_budget),
-                  "deadline_hits": sum(r.deadline_hit for r in results)}
-    answer["mean_cost_fraction"] = round(mean_cost, 6)
+        answer["budget_applied"] = decision.applied
+        if decision.note is not None:
+            answer["budget_note"] = decision.note
+        answer["deadline_hits"] = result.deadline_hits
+    answer["mean_cost_fraction"] = round(result.mean_cost_fraction, 6)
+    return answer
+
+
+async def _infer(request: Request, service: InferenceService, max_images: int, max_body_bytes: int, name: str,
+                 version: str | None) -> Response:
+    model = resolve(service, name, version)  # metadata only: the data plane resolves it again to run it
+    engine = model.engine
+    body = decompress(await request.body(), request.headers.get("content-encoding"), max_body_bytes)
+    parsed, blobs = parse_request(body, request.headers.get(HEADER_LENGTH))
+    # every option and output checked before any image is decoded
+    options = parse_options({k: v for k, v in parsed.parameters.items() if k in PARAMETERS})
+    wanted = requested_outputs(parsed, len(engine.manifest.labels))
+    tensor = the_input(parsed, engine, max_images)
+    inputs = model_inputs(tensor, to_array(tensor, blobs[0]))
+    try:
+        result = await service.plane.infer(dataplane.InferenceRequest(inputs, options, model.name,
+                                                                     context_of(request.scope)))
+    except BadImage as exc:
+        raise type(exc)(f"input 'images' element {exc.index}: {exc.detail}") from None
     header: dict[str, Any] = {"model_name": engine.name, "model_version": VERSION}
     if parsed.id is not None:
         header["id"] = parsed.id
-    header["parameters"] = answer
-    content, header_length = encode_response(header, _outputs(engine, results, wanted))
+    header["parameters"] = answer_parameters(result)
+    content, header_length = encode_response(header, _outputs(engine, result, wanted))
     if header_length is None:
         return Response(content, media_type="application/json")
     return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
