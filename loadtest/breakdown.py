@@ -36,6 +36,7 @@ from exitserve.loadtest.overload import (
     WrkRun,
     launch,
     measured_wrk,
+    port_for,
     require_wrk,
     run_wrk,
     start_server,
@@ -82,7 +83,7 @@ def phase_means_ms(before: dict, after: dict) -> tuple[dict[str, float], int]:
 
 def measure_exitserve(args: argparse.Namespace, wrk: str, images: Path, log: Path) -> list[dict]:
     env = {"EXITSERVE_PHASE_METRICS": "true", "EXITSERVE_DEFAULT_MODEL": args.model}
-    server = start_server(args.repository, args.port, env, log, label="exitserve (phase metrics)")
+    server = start_server(args.repository, port_for(args.port, 0), env, log, label="exitserve (phase metrics)")
     rows = []
     try:
         url = f"{server.url}/classify?model={args.model}"
@@ -102,7 +103,7 @@ def measure_exitserve(args: argparse.Namespace, wrk: str, images: Path, log: Pat
 
 def measure_noop(args: argparse.Namespace, wrk: str, images: Path, log: Path) -> list[dict]:
     folder = args.repository / args.model
-    port = args.port + 1
+    port = port_for(args.port, 1)
     cmd = [sys.executable, "-m", "exitserve.loadtest.plain_server", str(folder), "--port", str(port)]
     server = launch(cmd, f"http://127.0.0.1:{port}", "/readyz", {}, log, "plain server /noop", 120.0)
     rows = []
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="msdnet_fmnist")
     parser.add_argument("--duration", type=int, default=10, help="seconds of measured load per column")
     parser.add_argument("--concurrency", default="1,32", help="comma-separated wrk connection counts")
-    parser.add_argument("--port", type=int, default=8840)
+    parser.add_argument("--port", type=int, default=8840,
+                        help="exitserve's port; the no-op server gets the next one (0: any free port for each)")
     parser.add_argument("--images", type=int, default=256, help="Fashion-MNIST test images to cycle")
     parser.add_argument("--wrk-timeout", default="10s")
     parser.add_argument("--out", type=Path, default=Path("runs/breakdown.json"))

@@ -21,6 +21,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA_SCRIPT = ROOT / "loadtest" / "wrk" / "classify.lua"
@@ -43,11 +44,13 @@ MARKER = "STATUS_COUNTS "
 
 @dataclass
 class Server:
-    """An exitserve subprocess; its stderr goes to ``log``."""
+    """An exitserve subprocess; its stderr goes to ``log``. ``group``: it leads a process
+    group of its own (``launch`` starts it so), which ``stop_server`` kills last."""
 
     proc: subprocess.Popen
     url: str
     log: Path
+    group: bool = False
 
     @property
     def pid(self) -> int:
@@ -58,6 +61,98 @@ class Server:
             return self.log.read_text(errors="replace")[-chars:]
         except OSError:
             return ""
+
+
+# --------------------------------------------------------------------------- ports
+# /proc/net/tcp{,6} local addresses that take a connection to 127.0.0.1: 127.0.0.1, 0.0.0.0,
+# :: (dual stack) and ::ffff:127.0.0.1, as the kernel prints them
+LOOPBACK_LISTENERS = {"0100007F", "00000000", "0" * 32, "0000000000000000FFFF00000100007F"}
+TCP_LISTEN = "0A"
+
+
+def free_port() -> int:
+    """A loopback port free now. Another process may take it before the server binds it:
+    ``launch`` then refuses the stranger rather than measuring it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_for(base: int, offset: int) -> int:
+    """The port of a harness's ``offset``-th server: ``base + offset``, or a free port when
+    ``base`` is 0 (what tests ask for: no fixed port to collide on)."""
+    return free_port() if base == 0 else base + offset
+
+
+def ensure_port_free(port: int, host: str = "127.0.0.1") -> None:
+    """Refuse to start a server on a port something already holds: its answers would pass
+    for ours. (The bind uses SO_REUSEADDR, as uvicorn does: a connection in TIME_WAIT is
+    no obstacle, a listener is.)"""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise RuntimeError(f"port {port} on {host} is already taken ({exc.strerror}): "
+                               "not starting a server there") from exc
+
+
+def loopback_listeners(port: int) -> set[int] | None:
+    """Inodes of the sockets listening on TCP ``port`` that a connection to 127.0.0.1
+    reaches, from /proc/net/tcp and tcp6; None where there is no /proc (not Linux)."""
+    found: set[int] = set()
+    readable = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        readable = True
+        for line in lines:
+            fields = line.split()  # sl local_address rem_address st ... uid timeout inode
+            address, _, hex_port = fields[1].partition(":")
+            if fields[3] == TCP_LISTEN and int(hex_port, 16) == port and address in LOOPBACK_LISTENERS:
+                found.add(int(fields[9]))
+    return found if readable else None
+
+
+def socket_inodes(pids: list[int]) -> set[int]:
+    """Inodes of every socket the processes ``pids`` hold open (``socket:[N]`` in /proc/<pid>/fd)."""
+    inodes: set[int] = set()
+    for pid in pids:
+        try:
+            fds = list(os.scandir(f"/proc/{pid}/fd"))
+        except OSError:  # gone, or not ours to read
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd.path)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (worker processes hold the shared socket too)."""
+    return [pid, *_descendants(pid)]
+
+
+def check_listener(port: int, pids: list[int], label: str) -> None:
+    """Raise unless every socket that answers 127.0.0.1:``port`` belongs to ``pids``: a
+    readiness answer proves nothing when a stranger holds the port. No-op without /proc."""
+    listening = loopback_listeners(port)
+    if listening is None:
+        return
+    strangers = listening - socket_inodes(pids)
+    if not listening or strangers:
+        raise RuntimeError(f"{label}: 127.0.0.1:{port} answered, but the socket listening there is not held by "
+                           f"the process started here (pids {pids}; listening socket inodes {sorted(listening)}, "
+                           f"not ours {sorted(strangers)})")
+
+
+# --------------------------------------------------------------------------- starting and stopping
 
 
 def start_server(repository: Path, port: int, env: dict[str, str | None], log: Path,
@@ -72,8 +167,14 @@ def start_server(repository: Path, port: int, env: dict[str, str | None], log: P
 
 def launch(cmd: list[str], base_url: str, ready_path: str, env: dict[str, str | None], log: Path, label: str,
            timeout: float, stop: Callable[[Server], int | None] | None = None) -> Server:
-    """Run ``cmd`` from the repository root (its output to ``log``) and wait until
-    ``base_url + ready_path`` answers 200; on failure ``stop`` it (default ``stop_server``)."""
+    """Run ``cmd`` from the repository root (its output to ``log``, in a process group of
+    its own) and wait until ``base_url + ready_path`` answers 200 from it: the port must be
+    free before the start, and the socket answering on it the child's (or its descendants')
+    once ready. On failure ``stop`` it (default ``stop_server``)."""
+    port = urlparse(base_url).port
+    if port is None:
+        raise ValueError(f"{base_url}: no port")
+    ensure_port_free(port)
     full_env = dict(os.environ)
     for key, value in env.items():
         if value is None:
@@ -83,10 +184,12 @@ def launch(cmd: list[str], base_url: str, ready_path: str, env: dict[str, str | 
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH")]))
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as handle:
-        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
-    server = Server(proc, base_url, log)
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT,
+                                start_new_session=True)
+    server = Server(proc, base_url, log, group=True)
     try:
         wait_until_ready(server, f"{base_url}{ready_path}", label, timeout)
+        check_listener(port, process_tree(server.pid), label)
     except BaseException:
         (stop or stop_server)(server)
         raise
@@ -119,18 +222,57 @@ def wait_until_ready(server: Server, ready_url: str, label: str, timeout: float)
 
 
 def stop_server(server: Server, grace: float = 30.0) -> int | None:
-    """SIGTERM, then SIGKILL after ``grace`` seconds. Returns the exit status."""
+    """SIGTERM, then SIGKILL after ``grace`` seconds; then SIGKILL whatever is left of its
+    process group (worker processes that outlived it). Returns the exit status."""
     proc = server.proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            print(f"exitserve (pid {proc.pid}) still running {grace:.0f} s after SIGTERM: killing",
-                  file=sys.stderr)
+    try:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                print(f"{server.url} (pid {proc.pid}) still running {grace:.0f} s after SIGTERM: killing",
+                      file=sys.stderr)
+    finally:
+        if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if server.group:
+            _kill_group(proc.pid)
     return proc.returncode
+
+
+def _kill_group(pgid: int, timeout: float = 10.0) -> None:
+    """SIGKILL every process left in group ``pgid`` and wait, with a deadline, until none
+    runs (a zombie waits for its new parent to reap it; it holds nothing)."""
+    if not Path("/proc/self/stat").exists():  # no /proc to watch: one SIGKILL to the group
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return
+    deadline = time.monotonic() + timeout
+    while _group_running(pgid):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # emptied meanwhile, or not ours
+            return
+        if time.monotonic() > deadline:
+            print(f"process group {pgid}: still running {timeout:.0f} s after SIGKILL", file=sys.stderr)
+            return
+        time.sleep(0.05)
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still running (not a zombie), from /proc/*/stat."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()  # state ppid pgrp ...
+        except OSError:
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -148,13 +290,20 @@ def process_cpu_seconds(pid: int) -> float:
 
 
 def _descendants(pid: int) -> list[int]:
+    """Live descendants of ``pid``, from the parent of every process in /proc/*/stat
+    (/proc/<pid>/task/*/children needs a kernel option not every kernel has)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()  # state ppid ...
+        except OSError:  # exited meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
     found, frontier = [], [pid]
     while frontier:
-        parent = frontier.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*/children"):
-            children = [int(c) for c in task.read_text().split()]
-            found += children
-            frontier += children
+        kids = children.get(frontier.pop(), [])
+        found += kids
+        frontier += kids
     return found
 
 
@@ -204,15 +353,21 @@ def run_wrk(wrk: str, url: str, images: Path, connections: int, duration: int, l
     cpu_before = children_cpu_seconds()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     started = time.monotonic()
-    while True:
-        print(f"\r{label}: wrk {time.monotonic() - started:4.0f}/{duration} s", end="", file=sys.stderr, flush=True)
-        try:
-            proc.wait(timeout=1)
-            break
-        except subprocess.TimeoutExpired:
-            pass
-    output = proc.stdout.read()
-    proc.stdout.close()
+    try:
+        while True:
+            print(f"\r{label}: wrk {time.monotonic() - started:4.0f}/{duration} s", end="", file=sys.stderr,
+                  flush=True)
+            try:
+                proc.wait(timeout=1)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+        output = proc.stdout.read()
+    finally:  # interrupted (Ctrl-C, a test's timeout): wrk goes too
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
     cpu = children_cpu_seconds() - cpu_before
     print(f"\r{label}: wrk done ({time.monotonic() - started:.1f} s){' ' * 10}", file=sys.stderr)
     record = next((json.loads(line[len(MARKER):]) for line in output.splitlines() if line.startswith(MARKER)), None)

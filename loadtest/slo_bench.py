@@ -39,6 +39,7 @@ from exitserve.loadtest.overload import (
     WrkRun,
     launch,
     measured_wrk,
+    port_for,
     require_wrk,
     run_wrk,
     start_server,
@@ -279,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, default=15, help="seconds per offered-load row")
     parser.add_argument("--step-s", type=int, default=8, help="seconds of the first phase of the load step")
     parser.add_argument("--connections", type=int, default=256, help="wrk connections (requests in flight, at most)")
-    parser.add_argument("--port", type=int, default=8860)
+    parser.add_argument("--port", type=int, default=8860,
+                        help="first port; each server gets one of the next (0: any free port for each)")
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--wrk-timeout", default="10s")
     parser.add_argument("--servers", default="plain,fixed,objective")
@@ -295,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="exitserve-slo-bench-") as tmp:
         images = Path(tmp)
         write_images(images, args.images)
-        plain = start("plain", args, args.port, args.out.with_suffix(".plain.log"))
+        plain = start("plain", args, port_for(args.port, 0), args.out.with_suffix(".plain.log"))
         try:
             run_wrk(wrk, f"{plain.url}/classify", images, 32, 3, "capacity (warm-up)", args.wrk_timeout)
             run = measured_wrk(wrk, plain, f"{plain.url}/classify", images, 32, args.capacity_s, "capacity",
@@ -305,9 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         capacity = run.ok / run.duration
         rows: list[dict] = []
         for i, kind in enumerate(k.strip() for k in args.servers.split(",")):
-            rows += measure(kind, args, wrk, images, capacity, args.port + 1 + i,
+            rows += measure(kind, args, wrk, images, capacity, port_for(args.port, 1 + i),
                             args.out.with_suffix(f".{kind}.log"))
-        samples = load_step(args, wrk, images, capacity, args.port + 5, args.out.with_suffix(".step.log"))
+        samples = load_step(args, wrk, images, capacity, port_for(args.port, 5), args.out.with_suffix(".step.log"))
     plot(samples, args.objective_ms, args.plot)
     args.out.write_text(json.dumps({"capacity_per_s": capacity, "objective_ms": args.objective_ms,
                                     "connections": args.connections, "duration_s": args.duration,

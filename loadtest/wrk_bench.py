@@ -48,6 +48,7 @@ from exitserve.loadtest.overload import (
     _descendants,
     launch,
     measured_wrk,
+    port_for,
     require_wrk,
     run_wrk,
     start_server,
@@ -250,7 +251,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="msdnet_fmnist")
     parser.add_argument("--duration", type=int, default=10, help="seconds of measured load per row")
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated wrk connection counts")
-    parser.add_argument("--port", type=int, default=8810, help="first port; each server gets the next one")
+    parser.add_argument("--port", type=int, default=8810, help="first port; each server gets the next one (0: any free port for each)")
     parser.add_argument("--images", type=int, default=256, help="Fashion-MNIST test images to cycle")
     parser.add_argument("--wrk-timeout", default="10s", help="wrk --timeout (wrk's default: 2s)")
     parser.add_argument("--only", default=None,
@@ -310,7 +311,7 @@ def run(args: argparse.Namespace) -> dict:
         count = write_images(images, args.images)
         for i, target in enumerate(targets):
             log = args.out.with_name(f"{args.out.stem}.{target.key}.log")
-            rows += measure_target(target, args, wrk, images, args.port + i, log)
+            rows += measure_target(target, args, wrk, images, port_for(args.port, i), log)
     ratios = compute_ratios(rows)
     passed, verdict = guard(rows)
     return {"repository": str(args.repository), "model": args.model, "images": count,

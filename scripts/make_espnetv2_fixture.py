@@ -2,7 +2,7 @@
 
 Builds the EdgeNets ImageNet classifier (``model/classification/espnetv2.py``) for each
 width scale, fills every parameter and buffer from a seed (``seeded_state_dict`` in
-``tests/models/seeded_weights.py``), runs two seeded 3x224x224 images in eval mode and
+``tests/support/seeded_weights.py``), runs two seeded 3x224x224 images in eval mode and
 stores only the key -> shape list, the seeds and the logits, so the fixture stays a few
 tens of kilobytes and the tests need neither the reference code nor its weights.
 
@@ -22,7 +22,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.models.seeded_weights import seeded_state_dict  # noqa: E402
+from tests.support.seeded_weights import seeded_state_dict  # noqa: E402
 
 SCALES = (0.5, 1.0)
 IMAGES = 2

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.models.seeded_weights import seeded_state_dict  # noqa: E402  (shared with the test)
+from tests.support.seeded_weights import seeded_state_dict  # noqa: E402  (shared with the test)
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "googlenet_reference.pt"
 FORMAT = "googlenet-reference/1"

@@ -24,7 +24,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from exitserve.loadtest.overload import launch, start_server, stop_server
+from exitserve.loadtest.overload import free_port, launch, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "exitserve.json"
@@ -156,12 +155,6 @@ def legend(fmt: str, labels: dict[str, str]) -> str:
 
 
 # ------------------------------------------------------------------ processes
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def exitserve_server(repository: Path, log: Path) -> Iterator[str]:
     server = start_server(repository, free_port(), {}, log)

@@ -5,9 +5,16 @@ stage sessions, checked against each other and the server's settings. Any fault 
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from pathlib import Path
 
-from exitserve.repository.format import SERVING_FILE, RepositoryError, load_serving_config
+from exitserve.repository.format import (
+    SERVING_FILE,
+    RepositoryError,
+    load_calibration,
+    load_manifest,
+    load_serving_config,
+)
 from exitserve.server.catalog import ServedModel
 from exitserve.server.engine import ModelEngine
 from exitserve.server.errors import InvalidOptions
@@ -57,13 +64,31 @@ def load_model(folder: Path, settings: Settings) -> ServedModel:
     return ServedModel(engine, serving, max_pixels=min(own_limit, settings.max_pixels))
 
 
+def _check_default_model(settings: Settings, names: Collection[str]) -> None:
+    wanted = settings.default_model
+    if wanted and wanted not in names:
+        raise RepositoryError(f"default model {wanted!r} is not in the repository")
+
+
+def check_repository(settings: Settings) -> None:
+    """The files of ``settings.model_repository`` without ONNX Runtime: every manifest and
+    its stage files, calibration (against its manifest) and ``serving.json``, and the
+    default model. Milliseconds, so the command can refuse an operator's mistake in one
+    line before a server starts; what only sessions show still fails the load."""
+    names: set[str] = set()
+    for folder in find_models(settings.model_repository):
+        manifest = load_manifest(folder)
+        load_calibration(folder, manifest)
+        load_serving_config(folder)
+        names.add(manifest.name)
+    _check_default_model(settings, names)
+
+
 def load_repository(settings: Settings) -> dict[str, ServedModel]:
     """Every model of ``settings.model_repository`` (blocking: sessions load here)."""
     models = {}
     for folder in find_models(settings.model_repository):
         model = load_model(folder, settings)
         models[model.name] = model
-    wanted = settings.default_model
-    if wanted and wanted not in models:
-        raise RepositoryError(f"default model {wanted!r} is not in the repository")
+    _check_default_model(settings, models)
     return models

@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server.images import encode, fashion_images
-from tests.server.live import free_port, wait_until_ready
+from tests.support.images import encode, fashion_images
+from tests.support.live import free_port, wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 USERS_PACKAGES = ("models", "server")  # the names the repository's folders would have installed as

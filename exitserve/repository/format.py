@@ -164,20 +164,37 @@ SERVING_FILE = "serving.json"
 DEFAULT_BUDGET = 0.25  # the server's default budget (EXITSERVE_DEFAULT_BUDGET), a fraction of full cost
 
 
+def describe(exc: Exception) -> str:
+    """``exc`` on one line: a pydantic ``ValidationError`` as its field paths and messages
+    (its own text spans lines and links to pydantic's site, noise in an operator's log)."""
+    if not isinstance(exc, ValidationError):
+        return " ".join(str(exc).split())
+    errors = exc.errors(include_url=False, include_input=False)
+    shown = "; ".join(_one_error(e["loc"], e["msg"]) for e in errors[:3])
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    plural = "s" if len(errors) > 1 else ""
+    return f"{len(errors)} validation error{plural} for {exc.title}: {shown}{more}"
+
+
+def _one_error(loc: tuple, msg: str) -> str:
+    msg = msg.removeprefix("Value error, ")  # our own validators' messages, as written
+    return f"{'.'.join(map(str, loc))}: {msg}" if loc else msg
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise RepositoryError(f"{path} is missing") from None
     except (OSError, json.JSONDecodeError) as exc:
-        raise RepositoryError(f"{path}: unreadable JSON ({exc})") from exc
+        raise RepositoryError(f"{path}: unreadable JSON ({describe(exc)})") from exc
 
 
 def load_manifest(folder: Path) -> Manifest:
     try:
         manifest = Manifest.model_validate(_read_json(folder / "manifest.json"))
     except ValidationError as exc:
-        raise RepositoryError(f"{folder / 'manifest.json'}: {exc}") from exc
+        raise RepositoryError(f"{folder / 'manifest.json'}: {describe(exc)}") from exc
     if manifest.format_version != MANIFEST_FORMAT_VERSION:
         raise RepositoryError(f"{folder}: manifest format {manifest.format_version} is not supported")
     for stage in manifest.stages:
@@ -198,7 +215,7 @@ def load_calibration(folder: Path, manifest: Manifest | None = None) -> Calibrat
         calibration = Calibration.model_validate(raw)
         calibration.check_matches(manifest)
     except (ValidationError, ValueError) as exc:
-        raise RepositoryError(f"{path}: {exc}") from exc
+        raise RepositoryError(f"{path}: {describe(exc)}") from exc
     return calibration
 
 
@@ -216,7 +233,7 @@ def load_serving_config(folder: Path) -> ServingConfig:
     try:
         return ServingConfig.model_validate(_read_json(path))
     except ValidationError as exc:
-        raise RepositoryError(f"{path}: {exc}") from exc
+        raise RepositoryError(f"{path}: {describe(exc)}") from exc
 
 
 def write_budget_floor(folder: Path, manifest: Manifest) -> ServingConfig | None:

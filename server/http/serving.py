@@ -10,6 +10,8 @@
   before connections are refused). Then uvicorn shuts down, giving in-flight requests
   ``shutdown_timeout_s`` before it cancels them and the process exits. A second signal
   skips the grace period.
+* **Start-up**: the repository's files are checked before uvicorn starts; a mistake there
+  (or a stage that will not load) is one line naming the file, and exit status 3.
 * **Workers**: ``workers`` > 1 runs that many processes on one socket (``serve_workers``).
 * **Malformed requests** that the HTTP parser itself refuses (a bad header, a duplicate
   Content-Length, Content-Length beside chunked encoding) get the same JSON error body
@@ -34,11 +36,14 @@ from types import FrameType
 
 import uvicorn
 from prometheus_client.multiprocess import mark_process_dead
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from exitserve.repository.format import RepositoryError
 from exitserve.server.http.app import create_app
 from exitserve.server.http.errors import error_body
 from exitserve.server.http.security import REQUEST_ID_HEADER, configure_logging, new_request_id
 from exitserve.server.process import configure_process, freeze_heap_when_ready
+from exitserve.server.repository import check_repository, relative_to_repository
 from exitserve.server.request_context import request_id_var
 from exitserve.server.settings import Settings, default_intra_op_threads
 from exitserve.server.state import ServerState
@@ -130,21 +135,52 @@ class DrainingServer(uvicorn.Server):
         timer.start()
 
 
+class OneLineStartupFailure:
+    """The app, whose failed start leaves one log line: when the repository cannot be
+    served the app has logged why, naming the file; the traceback Starlette hands uvicorn
+    for that failure would only bury it. Any other failed start keeps its traceback."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_without_traceback(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed" and self.state.load_error is not None:
+                message = {**message, "message": ""}
+            await send(message)
+
+        await self.app(scope, receive, send_without_traceback)
+
+
 def _server(settings: Settings, log_level: str, workers: WorkerGroup | None = None) -> DrainingServer:
     """The app on uvicorn, with the header deadline, the drain period and the shutdown timeout."""
     configure_logging(log_level, settings.log_format)
     configure_process(settings)
     app = create_app(settings, workers=workers, while_ready=freeze_heap_when_ready)
+    state = app.state.service.state
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=log_level, log_config=None, access_log=False,
+        OneLineStartupFailure(app, state), host=settings.host, port=settings.port, log_level=log_level,
+        log_config=None, access_log=False,
         http=header_timeout_protocol(settings.header_timeout_s),
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)),
     )
-    return DrainingServer(config, app.state.service.state, settings.drain_grace_s)
+    return DrainingServer(config, state, settings.drain_grace_s)
 
 
 def serve(settings: Settings, log_level: str = "info") -> int:
-    """Serve until stopped; the exit status (non-zero when the repository cannot be served)."""
+    """Serve until stopped; the exit status: ``STARTUP_FAILURE`` when the repository cannot
+    be served, 1 when a worker died. The repository's files are checked first, in this
+    process: an operator's mistake is one line on stderr naming the file, not a traceback."""
+    try:
+        check_repository(settings)
+    except RepositoryError as exc:
+        print(f"exitserve serve: {relative_to_repository(str(exc), settings.model_repository)}", file=sys.stderr)
+        return STARTUP_FAILURE
     if settings.workers > 1:
         return serve_workers(settings, log_level)
     server = _server(settings, log_level)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import json
 import math
 import re
 import shutil
@@ -16,8 +17,8 @@ import pytest
 import yaml
 
 from exitserve.server.settings import Settings
-from tests.server.images import encode, fashion_images
-from tests.server.live import live_server
+from tests.support.images import encode, fashion_images
+from tests.support.live import live_server
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -43,8 +44,18 @@ NO_DATA_HERE = {
 MODEL = "msdnet_fmnist"
 IMAGES = 16  # single-image requests per round
 ROUNDS = 2  # the first creates every series, the second moves them: rate() needs a scraped value before
-MAX_QUEUE = 8  # a /classify/batch of more images than this is refused with 503
+MAX_QUEUE = 8  # a /classify/batch of more images than this is refused with 503, however idle the server
 V2_IMAGES = 2  # images in the one v2 inference request per round
+# Over by the time the request reaches the engine, on any machine: each such image, sent with
+# thresholds no confidence reaches, leaves after stage 0 because of its deadline (1 ms is not
+# enough: a fast machine answers well inside it; and a confident image leaves at exit 0 anyway)
+PAST_DEADLINE_MS = 0.001
+NEVER = "1e9"  # a threshold no confidence reaches
+DEADLINED = IMAGES // 8  # single images sent with that deadline, per round
+REQUESTS = IMAGES + 6  # inference requests per round: the singles, 2 batches, 1 v2, 3 bad ones
+ANSWERED_IMAGES = IMAGES + 4 + V2_IMAGES  # images classified per round (the refused batch's are not)
+RATE_INTERVAL = "5m"  # what $__rate_interval becomes: wide, so the sample before the second round stays inside
+SCRAPE_TIMEOUT_S = 60
 
 
 def dashboard_targets() -> list[tuple[str, str]]:
@@ -100,9 +111,10 @@ def test_substitution_like_grafana() -> None:
 
 
 # ------------------------------------------------------------------ slow: a real Prometheus
-def _traffic(url: str) -> dict[str, int]:
-    """A few dozen single images at different budgets (a few with deadlines), a batch, a
-    refused batch (503) and bad requests (4xx). Returns the status counts."""
+def _traffic(url: str, exits: int) -> dict[str, int]:
+    """Single images at different budgets (a few with a deadline already past), a batch, a
+    v2 request, a refused batch (503) and bad requests (4xx): every counter and histogram the
+    panels read moves, whatever the machine's speed. Returns the status counts."""
     pixels, _ = fashion_images(IMAGES)
     blobs = [encode(p) for p in pixels]
     statuses: dict[str, int] = {}
@@ -113,7 +125,7 @@ def _traffic(url: str) -> dict[str, int]:
         for i, blob in enumerate(blobs):
             params = {"budget": (0.2, 0.35, 0.6, 1.0)[i % 4]}
             if i % 8 == 7:
-                params = {"deadline_ms": 1}
+                params = {"thresholds": ",".join([NEVER] * (exits - 1)), "deadline_ms": PAST_DEADLINE_MS}
             note(client.post("/classify", content=blob, headers={"content-type": "image/png"}, params=params))
         files = [("files", (f"{i}.png", b, "image/png")) for i, b in enumerate(blobs[:4])]
         note(client.post("/classify/batch", files=files, data={"budget": "0.5"}))
@@ -137,9 +149,39 @@ def _finite(result: list[dict]) -> bool:
     return any(math.isfinite(float(s["value"][1])) for s in result)
 
 
+def _scalar(api: str, expr: str) -> tuple[float, float] | None:
+    """(sample time, value) of a one-series query, None while it has no series."""
+    result = _query(api, expr)["data"]["result"]
+    return (float(result[0]["value"][0]), float(result[0]["value"][1])) if result else None
+
+
+def _wait_for_scrapes(api: str, target: str, rounds: int) -> None:
+    """Poll Prometheus until a scrape of ``target`` holds every request and image of
+    ``rounds`` rounds of traffic, then until one more scrape is in: the server counts a
+    request after sending its answer, so the scrape that first shows the last request may
+    still miss a counter of it; the next one cannot."""
+    wanted = {f'sum(exitserve_requests_total{{job="exitserve", instance="{target}"}})': rounds * REQUESTS,
+              f'sum(exitserve_images_total{{job="exitserve", instance="{target}"}})': rounds * ANSWERED_IMAGES}
+    last_scrape = f'timestamp(up{{job="exitserve", instance="{target}"}})'
+    deadline = time.monotonic() + SCRAPE_TIMEOUT_S
+    seen: dict[str, tuple[float, float] | None] = {}
+    while True:
+        seen = {expr: _scalar(api, expr) for expr in wanted}
+        if all(got is not None and got[1] == value for (expr, value), got in zip(wanted.items(), seen.values())):
+            break
+        assert time.monotonic() < deadline, f"Prometheus never scraped {rounds} round(s) of traffic: {seen}"
+        time.sleep(0.2)
+    complete = _scalar(api, last_scrape)
+    assert complete is not None
+    while (scrape := _scalar(api, last_scrape)) is None or scrape[1] <= complete[1]:
+        assert time.monotonic() < deadline, f"no scrape of {target} after {complete[1]}"
+        time.sleep(0.2)
+
+
 @pytest.mark.skipif(PROMETHEUS is None, reason="Debian's prometheus is not installed (scripts/install.sh installs it)")
 def test_every_dashboard_query_has_data(served_repository: Path, tmp_path: Path) -> None:
     dashboard = render.load_dashboard()
+    exits = len(json.loads((served_repository / MODEL / "manifest.json").read_text())["stages"])
     # a latency objective far above anything this traffic sees: its series exist, it never acts
     settings = Settings(model_repository=served_repository, max_queue_images=MAX_QUEUE, latency_slo_ms=60_000)
     with live_server(settings) as url:
@@ -147,25 +189,16 @@ def test_every_dashboard_query_has_data(served_repository: Path, tmp_path: Path)
         # the alert rules are loaded too: Prometheus must evaluate them without error
         with render.prometheus(target, tmp_path, rule_files=[ALERTS]) as api:
             render.wait_for_scrape(api)
-            # two rounds a few scrapes apart: a series born in a scrape with its final value has
-            # no increase to rate(), and a fast machine sends one round between two scrapes
-            for round_ in range(ROUNDS):
-                if round_:
-                    time.sleep(3)
-                statuses = _traffic(url)
+            # two rounds, each scraped in full before going on: the first creates every series,
+            # the second moves each of them between two of its samples, which is what rate()
+            # (and a ratio of rates, which is NaN without an increase) needs
+            for round_ in range(1, ROUNDS + 1):
+                statuses = _traffic(url, exits)
                 assert statuses.get("200") == IMAGES + 2 and statuses.get("503") == 1, statuses
                 assert sum(n for s, n in statuses.items() if s.startswith("4")) == 3, statuses
-
-            # wait until Prometheus has scraped all of it
-            images = ROUNDS * (IMAGES + 4 + V2_IMAGES)
-            deadline = time.monotonic() + 60
-            while True:
-                result = _query(api, f'sum(exitserve_images_total{{job="exitserve", instance="{target}"}})')
-                if result["data"]["result"] and float(result["data"]["result"][0]["value"][1]) == images:
-                    break
-                assert time.monotonic() < deadline, f"images never reached {images}: {result}"
-                time.sleep(0.5)
-            time.sleep(2)  # a couple more scrapes, so every rate() has two samples after the traffic
+                _wait_for_scrapes(api, target, round_)
+            deadline_exits = _scalar(api, f'sum(exitserve_deadline_exits_total{{instance="{target}"}})')
+            assert deadline_exits is not None and deadline_exits[1] == ROUNDS * DEADLINED, deadline_exits
 
             # the variables, through the label values API as Grafana's label_values() does
             values = {name: render.label_values(api, query)
@@ -179,7 +212,8 @@ def test_every_dashboard_query_has_data(served_repository: Path, tmp_path: Path)
             checked, no_data = [], []
             for selection, variables in selections.items():
                 for title, expr in dashboard_targets():
-                    query = render.substitute(expr, variables, rate_interval="1m", interval="15s", range_="5m")
+                    query = render.substitute(expr, variables, rate_interval=RATE_INTERVAL, interval="15s",
+                                              range_="5m")
                     assert "$" not in query, query
                     body = _query(api, query)
                     assert body.get("status") == "success", f"{title}: {query}: {body}"
@@ -196,7 +230,8 @@ def test_every_dashboard_query_has_data(served_repository: Path, tmp_path: Path)
             for title in ("Requests/s by route and status", "Request latency p50 / p95 / p99 by route"):
                 expr = [e for t, e in dashboard_targets() if t == title][0]
                 routes = {s["metric"].get("route") for s in
-                          _query(api, render.substitute(expr, selections["All"], rate_interval="1m"))["data"]["result"]}
+                          _query(api, render.substitute(expr, selections["All"], rate_interval=RATE_INTERVAL))
+                          ["data"]["result"]}
                 assert {"/classify", "/classify/batch", "/v2/models/{name}/infer"} <= routes, (title, routes)
 
             # a value or two that the traffic pins down

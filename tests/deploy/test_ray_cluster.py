@@ -25,8 +25,8 @@ import pytest
 
 from exitserve.loadtest.images import encoded_test_images
 from exitserve.server.settings import Settings
-from tests.deploy.ray_cluster import LocalRayCluster
-from tests.server.live import free_port, live_server, wait_until_ready
+from tests.support.ray_cluster import LocalRayCluster
+from tests.support.live import free_port, live_server, wait_until_ready
 from tests.server.test_reliability import metric
 
 pytest.importorskip("ray.serve", reason="the 'ray' extra is not installed")
@@ -38,6 +38,7 @@ QUERY = {"budget": "0.25", "top_k": "3"}  # an explicit budget: the online contr
 READY_TIMEOUT_S = 180
 RECOVERY_TIMEOUT_S = 120
 RECOVERED_AFTER = 20  # consecutive answers after the loss that count as recovered
+BOTH_ANSWER_TIMEOUT_S = 60  # sequential requests until both replicas have answered some
 
 
 def answer(response: httpx.Response) -> dict:
@@ -95,6 +96,18 @@ class Traffic(threading.Thread):
             return None
         return outcomes[first_good][0]
 
+    def replicas_since(self, since: float) -> set[str]:
+        """The replicas that answered from ``since``."""
+        return {replica for at, replica, _ in list(self.outcomes) if replica and at >= since}
+
+    def wait_for_both(self, since: float, timeout: float = BOTH_ANSWER_TIMEOUT_S) -> None:
+        """Poll until two replicas have answered from ``since``; fail after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while len(self.replicas_since(since)) < 2:
+            assert self.is_alive(), "the traffic thread stopped"
+            assert time.monotonic() < deadline, f"not both replicas answered: {list(self.outcomes)[-10:]}"
+            time.sleep(0.1)
+
     def longest_silence(self, since: float) -> float:
         """The longest time without an answer, from ``since``."""
         answered = [since] + [at for at, replica, _ in list(self.outcomes) if replica and at >= since]
@@ -113,10 +126,11 @@ def test_two_nodes_serve_like_one_process_and_survive_losing_one(served_reposito
     cluster = LocalRayCluster(cpus_per_node=1)
     cluster.env["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] = "0"
     cli: subprocess.Popen | None = None
+    traffic: Traffic | None = None
     numbers: dict[str, object] = {"requests": IMAGES, "replicas": 2, "nodes": 2}
     try:
         started = time.monotonic()
-        cluster.start_head()
+        head = cluster.start_head()
         second = cluster.add_node()
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -125,7 +139,8 @@ def test_two_nodes_serve_like_one_process_and_survive_losing_one(served_reposito
              "--model-repository", str(served_repository), "--host", "127.0.0.1", "--port", str(port),
              "--replicas", "2", "--replica-cpus", "1", "--proxy-location", "HeadOnly"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cluster.env)
-        wait_until_ready(url, cli, READY_TIMEOUT_S)  # through Serve's proxy
+        # through Serve's proxy, a process of the head node (HeadOnly): the port is the cluster's
+        wait_until_ready(url, cli, READY_TIMEOUT_S, owners=lambda: [p.pid for p in head.processes()])
         # Serve reports the application running once both replicas are; the proxy's router
         # learns of the second one a moment later (long poll): wait until it routes to both
         warm_up: collections.Counter[str] = collections.Counter()  # answers per replica, counted in metrics too
@@ -167,7 +182,7 @@ def test_two_nodes_serve_like_one_process_and_survive_losing_one(served_reposito
         # ---- lose the second node while a client keeps sending
         traffic = Traffic(url, blobs, expected)
         traffic.start()
-        time.sleep(2)
+        traffic.wait_for_both(since=0.0)  # the client is under way, on both replicas, when the node goes
         killed = time.monotonic()
         second.kill(signal.SIGKILL)
         deadline = killed + RECOVERY_TIMEOUT_S
@@ -195,11 +210,10 @@ def test_two_nodes_serve_like_one_process_and_survive_losing_one(served_reposito
             time.sleep(0.5)
         assert len(metrics_targets(url)) == 2
         full_strength = time.monotonic()
-        time.sleep(2)
+        traffic.wait_for_both(since=full_strength)  # the proxy routes to the new replica too
         traffic.stopping.set()
         traffic.join(30)
-        after = [o for o in traffic.outcomes if o[0] > full_strength]
-        assert len({replica for _, replica, _ in after if replica}) == 2, after[-10:]
+        assert not traffic.is_alive()
         failures = [o for o in traffic.outcomes if o[1] is None]
         numbers["requests_during_loss"] = len(traffic.outcomes)
         numbers["failed_during_loss"] = len(failures)
@@ -214,6 +228,9 @@ def test_two_nodes_serve_like_one_process_and_survive_losing_one(served_reposito
         numbers["total_s"] = round(time.monotonic() - started, 1)
         print("\nray cluster test:", json.dumps(numbers))
     finally:
+        if traffic is not None:
+            traffic.stopping.set()
+            traffic.join(30)
         if cli is not None and cli.poll() is None:
             cli.kill()
             cli.wait(10)

@@ -11,7 +11,7 @@ import pytest
 
 from exitserve.repository.format import RepositoryError, load_calibration, write_json
 from exitserve.repository.preprocessing import normalize
-from tests.server.synthetic import synthetic_calibration, synthetic_manifest
+from tests.support.synthetic import synthetic_calibration, synthetic_manifest
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """The wrk harnesses run end to end on a real server, briefly: the side-by-side benchmark's
 wrk part and the per-request breakdown. Numbers are not asserted (speed belongs in
-BENCHMARKS.md), only that every request was answered and the reports hold what they claim."""
+BENCHMARKS.md), only that every request was answered and the reports hold what they claim.
+Every server gets a free port (``--port 0``): no fixed port to collide with whatever else
+runs on the machine, and the harness refuses a port someone else answers on."""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ pytestmark = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is inst
 def test_wrk_bench_rows_and_ratios(served_repository: Path, tmp_path: Path) -> None:
     out = tmp_path / "wrk.json"
     status = wrk_bench.main(["--repository", str(served_repository), "--duration", "1", "--concurrency", "1,4",
-                             "--only", "exitserve_default,plain,noop", "--images", "16", "--out", str(out)])
+                             "--only", "exitserve_default,plain,noop", "--images", "16", "--port", "0",
+                             "--out", str(out)])
     assert status == 0
     report = json.loads(out.read_text())
     rows = {(r["key"], r["concurrency"]): r for r in report["results"]}
@@ -35,7 +38,7 @@ def test_wrk_bench_rows_and_ratios(served_repository: Path, tmp_path: Path) -> N
 def test_breakdown_table(served_repository: Path, tmp_path: Path) -> None:
     out = tmp_path / "breakdown.json"
     assert breakdown.main(["--repository", str(served_repository), "--duration", "1", "--concurrency", "1,4",
-                           "--images", "16", "--out", str(out)]) == 0
+                           "--images", "16", "--port", "0", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     ours = [r for r in rows if r["phases_ms"]]
     assert [r["configuration"] for r in ours] == ["exitserve raw body C=1", "exitserve raw body C=4",
@@ -55,7 +58,7 @@ def test_slo_bench_rows_and_plot(served_repository: Path, tmp_path: Path) -> Non
 
     out, plot = tmp_path / "slo.json", tmp_path / "step.png"
     assert slo_bench.main(["--repository", str(served_repository), "--duration", "1", "--step-s", "1",
-                           "--capacity-s", "2", "--servers", "plain,objective", "--images", "16",
+                           "--capacity-s", "2", "--servers", "plain,objective", "--images", "16", "--port", "0",
                            "--out", str(out), "--plot", str(plot)]) == 0
     report = json.loads(out.read_text())
     assert report["capacity_per_s"] > 0

@@ -11,7 +11,7 @@ from exitserve.models.checkpoint import load_checkpoint, model_from_checkpoint
 from exitserve.models.cost import exit_costs
 from exitserve.models.espnetv2 import ESPNetv2Config, branch_dilations, load_reference_state_dict
 from exitserve.models.registry import create_model, list_models
-from tests.models.seeded_weights import seeded_state_dict
+from tests.support.seeded_weights import seeded_state_dict
 
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "espnetv2_reference.pt"
 

@@ -9,7 +9,7 @@ from exitserve.models.checkpoint import load_checkpoint
 from exitserve.models.cost import count_params, exit_costs
 from exitserve.models.googlenet import AdaptiveAvgPoolMatrix, GoogLeNet, GoogLeNetConfig
 from exitserve.models.registry import create_model, list_models
-from tests.models.seeded_weights import seeded_state_dict
+from tests.support.seeded_weights import seeded_state_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = REPO_ROOT / "tests" / "data" / "googlenet_reference.pt"

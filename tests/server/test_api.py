@@ -9,14 +9,16 @@ import httpx
 import numpy as np
 import pytest
 
+from exitserve.models.data import load_splits
 from exitserve.server.engine import ModelEngine
 from exitserve.server.http.schemas import ClassifyResponse, ExitInfo, Timings, TopK
 from exitserve.server.preprocess import decode_image
 from exitserve.server.settings import Settings
-from tests.server.images import bomb_png, encode, fashion_images
-from tests.server.live import live_server
+from tests.support.images import bomb_png, encode, fashion_images
+from tests.support.live import live_server
 
 COUNT = 60
+BATCH_BUDGET = 0.25  # the first exit costs about 0.11 and alone scores over a point less
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +124,38 @@ def test_batch_respects_its_budget_and_upload_order(url: str, images) -> None:
         assert [item["index"] for item in body["results"]] == list(range(16))
         assert [item["filename"] for item in body["results"]] == [f"{i}.png" for i in range(16)]
         assert 0 < summary["expected_accuracy"] <= 1
+
+
+def test_the_budgeted_batch_buys_the_calibrated_accuracy_with_its_budget(served_repository: Path) -> None:
+    """The whole Fashion-MNIST test set through POST /classify/batch at a budget the first
+    exit alone cannot reach: the accuracy the calibration promises for that budget (within
+    half a point), for at least 90% of the budget spent in every batch. Sending every image
+    out at the first exit would score the first exit's accuracy, over half a point lower (the
+    test checks that first), and spend under half the budget."""
+    test = load_splits("fashion-mnist").test
+    settings = Settings(model_repository=served_repository, online_budget=False)
+    per_request = settings.max_files
+    correct, promised = 0, set()
+    with live_server(settings) as url, httpx.Client(base_url=url, timeout=120) as client:
+        stages = client.get("/v1/models/msdnet_fmnist").json()["manifest"]["stages"]
+        assert stages[0]["cost_fraction"] < BATCH_BUDGET / 2
+        for start in range(0, len(test.labels), per_request):
+            pixels, labels = test.images[start:start + per_request], test.labels[start:start + per_request]
+            files = [("files", (f"{start + i}.png", encode(p), "image/png")) for i, p in enumerate(pixels)]
+            body = client.post("/classify/batch", params={"budget": BATCH_BUDGET}, files=files)
+            assert body.status_code == 200, body.text
+            summary = body.json()["summary"]
+            assert summary["classified"] == len(labels) and summary["budget"] == BATCH_BUDGET
+            assert summary["mean_cost_fraction"] <= BATCH_BUDGET + 1e-9  # never over
+            assert summary["spent_fraction"] >= 0.9, summary  # and not far under: the budget is spent
+            promised.add(summary["expected_accuracy"])
+            answers = [item["result"]["class_index"] for item in body.json()["results"]]
+            correct += int(np.sum(np.asarray(answers) == labels))
+    (expected,) = promised
+    first_exit_alone = stages[0]["test_accuracy"]  # measured on this same test set at export
+    assert first_exit_alone < expected - 0.005, "the first exit alone would pass: pick another budget"
+    accuracy = correct / len(test.labels)
+    assert accuracy >= expected - 0.005, f"{accuracy:.4f} on {len(test.labels)} test images, promised {expected:.4f}"
 
 
 def test_one_bad_file_fails_only_itself(url: str, images) -> None:

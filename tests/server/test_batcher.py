@@ -14,7 +14,8 @@ from exitserve.server import batcher as batcher_module
 from exitserve.server.batcher import DynamicBatcher
 from exitserve.server.errors import InferenceFailed, Overloaded
 from exitserve.server.request_context import request_id_var
-from tests.server.synthetic import FakeClock, SyntheticRuntime, probs_with_confidence, synthetic_engine
+from tests.support.clock import FakeClock
+from tests.support.synthetic import SyntheticRuntime, probs_with_confidence, synthetic_engine
 
 THRESHOLDS = np.array([0.9, 0.9, ALWAYS])
 POISON = 0.51  # a confidence the failing runtime below refuses to process

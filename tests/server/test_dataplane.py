@@ -17,8 +17,8 @@ import pytest
 from exitserve.server.errors import InvalidOptions
 from exitserve.server.options import InferenceOptions, parse_model, parse_options
 from exitserve.server.settings import Settings
-from tests.server.images import encode, fashion_images
-from tests.server.live import live_server
+from tests.support.images import encode, fashion_images
+from tests.support.live import live_server
 
 MODEL = "msdnet_fmnist"
 

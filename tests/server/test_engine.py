@@ -13,7 +13,8 @@ from exitserve.repository.confidence import ALWAYS, NEVER, exits_taken
 from exitserve.exporter.exit_table import exit_table
 from exitserve.models.data import load_splits
 from exitserve.server.engine import ModelEngine
-from tests.server.synthetic import FakeClock, SyntheticRuntime, probs_with_confidence, synthetic_engine
+from tests.support.clock import FakeClock
+from tests.support.synthetic import SyntheticRuntime, probs_with_confidence, synthetic_engine
 
 
 def test_each_run_returns_its_own_stage_timings() -> None:

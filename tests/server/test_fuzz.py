@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 from exitserve.server.settings import Settings
-from tests.server.live import live_server
+from tests.support.live import live_server
 
 SCHEMATHESIS = shutil.which("schemathesis") or str(Path(__file__).resolve().parents[2] / ".venv/bin/schemathesis")
 CONFIG = Path(__file__).with_name("schemathesis.toml")  # 413 and 408 are right answers to bad requests too

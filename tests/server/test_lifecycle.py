@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -18,26 +19,47 @@ from exitserve.models.data import load_splits
 from exitserve.server.http.app import create_app
 from exitserve.server.metrics import Metrics
 from exitserve.server.dataplane import InferenceRequest, NormalizedImages
+from exitserve.server.engine import ModelEngine
 from exitserve.server.options import InferenceOptions
 from exitserve.server.service import InferenceService, StartupError
 from exitserve.server.settings import Settings
-from tests.server.images import encode
-from tests.server.synthetic import SyntheticRuntime, as_normalized, probs_with_confidence, served, synthetic_engine
-from tests.server.live import live_server
+from tests.support.images import encode
+from tests.support.synthetic import SyntheticRuntime, as_normalized, probs_with_confidence, served, synthetic_engine
+from tests.support.live import live_server
 
 
-def test_readyz_is_503_until_loaded_then_200(served_repository: Path) -> None:
-    settings = Settings(model_repository=served_repository, warmup_batches=400)
-    with live_server(settings, wait_ready=False) as url:
-        first = httpx.get(f"{url}/readyz")
-        assert httpx.get(f"{url}/healthz").status_code == 200
-        assert first.status_code == 503 and first.json()["status"] == "loading"
-        refused = httpx.post(f"{url}/classify", content=b"x", headers={"content-type": "image/png"})
-        assert refused.status_code == 503 and refused.json()["error"] == "not_ready"
-        deadline = time.monotonic() + 120
-        while httpx.get(f"{url}/readyz").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+def poll(check: Callable[[], bool], what: str, timeout: float = 120) -> None:
+    """Poll ``check`` until true; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:g} s")
+        time.sleep(0.05)
+
+
+def test_readyz_is_503_during_the_warm_up_then_200(served_repository: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The warm-up waits for the test, however fast the machine: the loading window is the
+    test's to look at, not a race against the warm-up batches."""
+    warming, release = threading.Event(), threading.Event()
+    warm_up = ModelEngine.warm_up
+
+    def held_warm_up(engine: ModelEngine, batches: int = 2) -> None:
+        warming.set()
+        release.wait(60)
+        warm_up(engine, batches)
+
+    monkeypatch.setattr(ModelEngine, "warm_up", held_warm_up)
+    with live_server(Settings(model_repository=served_repository), wait_ready=False) as url:
+        try:
+            assert warming.wait(60), "the warm-up never started"
+            first = httpx.get(f"{url}/readyz")
+            assert first.status_code == 503 and first.json()["status"] == "loading"
+            assert httpx.get(f"{url}/healthz").status_code == 200
+            refused = httpx.post(f"{url}/classify", content=b"x", headers={"content-type": "image/png"})
+            assert refused.status_code == 503 and refused.json()["error"] == "not_ready"
+        finally:
+            release.set()
+        poll(lambda: httpx.get(f"{url}/readyz").status_code == 200, "ready once warm")
 
 
 def test_a_broken_repository_fails_the_start(tmp_path: Path) -> None:
@@ -49,8 +71,7 @@ def test_a_broken_repository_fails_the_start(tmp_path: Path) -> None:
 def test_draining_is_not_ready(served_repository: Path) -> None:
     app = create_app(Settings(model_repository=served_repository))
     with TestClient(app) as client:
-        while client.get("/readyz").status_code != 200:
-            time.sleep(0.05)
+        poll(lambda: client.get("/readyz").status_code == 200, "ready")
         app.state.service.state.draining = True
         assert client.get("/readyz").json()["status"] == "draining"
         app.state.service.state.draining = False
@@ -61,8 +82,7 @@ def test_overloaded_server_answers_503_with_retry_after(served_repository: Path)
     app = create_app(settings)
     image = encode(load_splits("fashion-mnist").test.images[0])
     with TestClient(app) as client:
-        while client.get("/readyz").status_code != 200:
-            time.sleep(0.05)
+        poll(lambda: client.get("/readyz").status_code == 200, "ready")
         service = app.state.service
         service.models["msdnet_fmnist"].batcher.waiting_images = 1  # the queue is full
         single = client.post("/classify", content=image, headers={"content-type": "image/png"})
@@ -117,7 +137,10 @@ def test_readiness_turns_503_when_a_model_stops_making_progress() -> None:
         service.attach({"synthetic": served(engine)})
         assert service.readiness()[0]
         stuck = asyncio.ensure_future(service.plane.infer(InferenceRequest(NormalizedImages(as_normalized(image[None])))))
-        await asyncio.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while service.readiness()[0]:  # until the watchdog (0.2 s) sees work and no finished batch
+            assert time.monotonic() < deadline, "the watchdog never fired"
+            await asyncio.sleep(0.02)
         ready, body = service.readiness()
         assert not ready and body["status"] == "stalled" and body["models"] == ["synthetic"]
         release.set()

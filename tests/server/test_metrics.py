@@ -12,8 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exitserve.server.settings import Settings
-from tests.server.images import encode, fashion_images
-from tests.server.live import live_server
+from tests.support.images import encode, fashion_images
+from tests.support.live import live_server
 
 DEFAULT, OTHER = "msdnet_fmnist", "msdnet_copy"
 

@@ -7,13 +7,21 @@ import shutil
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from exitserve.exporter.calibrate import calibrate_repository
 from exitserve.exporter.export import export_repository
+from exitserve.repository.confidence import full_depth_thresholds
+from exitserve.server.engine import ModelEngine
+from exitserve.server.preprocess import decode_image
 from exitserve.server.settings import Settings
-from tests.server.images import encode, fashion_images
-from tests.server.live import live_server
+from tests.support.images import encode, fashion_images
+from tests.support.live import live_server
+
+# The first 20 Fashion-MNIST test images: the default model at full depth gets all but one
+# right; a random answer gets about 2, the commonest label alone 4.
+IMAGES, MOST_RIGHT = 20, 18
 
 
 @pytest.fixture(scope="module")
@@ -28,18 +36,37 @@ def three_family_repository(served_repository: Path, tiny_espnetv2_checkpoint: P
     return root
 
 
+def full_depth_classes(folder: Path, blobs: list[bytes]) -> list[int]:
+    """What the model in ``folder`` answers at full depth, run here on ONNX Runtime without a server."""
+    engine = ModelEngine.load(folder, default_budget=1.0, provider="cpu", online_budget=False)
+    spec = engine.manifest.input
+    images = spec.normalize(np.stack([decode_image(b, spec, 10**6) for b in blobs]))
+    thresholds = np.tile(full_depth_thresholds(engine.num_exits), (len(blobs), 1))
+    return [int(np.argmax(r.probs)) for r in engine.run_thresholds(images, thresholds).results]
+
+
 def test_one_server_serves_every_family(three_family_repository: Path) -> None:
-    pixels, _ = fashion_images(4)
+    """Each model answers from its own weights: at full depth the server's classes are the
+    ones its folder gives offline, and the trained default model gets the real labels right
+    (the two tiny families had a few training steps: only the former holds for them)."""
+    pixels, labels = fashion_images(IMAGES)
     blobs = [encode(p) for p in pixels]
+    files = [("files", (f"{i}.png", b, "image/png")) for i, b in enumerate(blobs)]
     settings = Settings(model_repository=three_family_repository, online_budget=False)
     with live_server(settings) as url:
         ready = httpx.get(f"{url}/readyz").json()
         assert ready["models"] == ["espnetv2_fmnist", "googlenet_fmnist", "msdnet_fmnist"]
         listed = {m["name"]: m for m in httpx.get(f"{url}/v1/models").json()["models"]}
         assert set(listed) == {"espnetv2_fmnist", "googlenet_fmnist", "msdnet_fmnist"}
+        served = {}
         for name, exits in (("espnetv2_fmnist", 3), ("googlenet_fmnist", 3), ("msdnet_fmnist", 5)):
             detail = httpx.get(f"{url}/v1/models/{name}").json()
             assert len(detail["manifest"]["stages"]) == exits
+            full = httpx.post(f"{url}/classify/batch", params={"model": name, "budget": 1.0}, files=files,
+                              timeout=60).json()
+            assert full["model"] == name and full["summary"]["exit_histogram"][-1] == IMAGES
+            served[name] = [item["result"]["class_index"] for item in full["results"]]
+            assert served[name] == full_depth_classes(three_family_repository / name, blobs), name
             for budget in (0.34, 1.0):
                 body = httpx.post(f"{url}/classify", files={"file": ("x.png", blobs[0], "image/png")},
                                   params={"model": name, "budget": budget}, timeout=30).json()
@@ -47,14 +74,47 @@ def test_one_server_serves_every_family(three_family_repository: Path) -> None:
                 assert 0 <= body["exit"]["index"] < exits
                 if budget == 1.0:
                     assert body["exit"]["index"] == exits - 1 and body["exit"]["cost_fraction"] == 1.0
-            batch = httpx.post(f"{url}/classify/batch", params={"model": name, "budget": 0.5},
-                               files=[("files", (f"{i}.png", b, "image/png")) for i, b in enumerate(blobs)],
+                    assert body["class_index"] == served[name][0]
+            batch = httpx.post(f"{url}/classify/batch", params={"model": name, "budget": 0.5}, files=files,
                                timeout=60).json()
             assert batch["model"] == name and batch["summary"]["classified"] == len(blobs)
             assert batch["summary"]["mean_cost_fraction"] <= 0.5 + 1e-9
+        correct = sum(c == label for c, label in zip(served["msdnet_fmnist"], labels))
+        assert correct >= MOST_RIGHT, f"msdnet_fmnist: {correct} of {IMAGES} right"
         # the default model is still the default when others are served beside it
-        plain = httpx.post(f"{url}/classify", files={"file": ("x.png", blobs[0], "image/png")}, timeout=30).json()
-        assert plain["model"] == "msdnet_fmnist"
+        plain = httpx.post(f"{url}/classify", files={"file": ("x.png", blobs[0], "image/png")},
+                           params={"budget": 1.0}, timeout=30).json()
+        assert plain["model"] == "msdnet_fmnist" and plain["class_index"] == served["msdnet_fmnist"][0]
+
+
+def test_default_model_picks_who_answers_a_request_that_names_none(three_family_repository: Path) -> None:
+    pixels, _ = fashion_images(IMAGES)
+    blobs = [encode(p) for p in pixels]
+    expected = full_depth_classes(three_family_repository / "googlenet_fmnist", blobs)
+    settings = Settings(model_repository=three_family_repository, online_budget=False,
+                        default_model="googlenet_fmnist")
+    with live_server(settings) as url:
+        defaults = [m["name"] for m in httpx.get(f"{url}/v1/models").json()["models"] if m["default"]]
+        assert defaults == ["googlenet_fmnist"]
+        answers = [httpx.post(f"{url}/classify", content=b, headers={"content-type": "image/png"},
+                              params={"budget": 1.0}, timeout=30).json() for b in blobs]
+        assert {a["model"] for a in answers} == {"googlenet_fmnist"}
+        assert [a["class_index"] for a in answers] == expected
+        named = httpx.post(f"{url}/classify", content=blobs[0], headers={"content-type": "image/png"},
+                           params={"model": "msdnet_fmnist"}, timeout=30).json()
+        assert named["model"] == "msdnet_fmnist"  # a request that names one still gets it
+
+
+def test_a_default_model_the_repository_lacks_refuses_the_start(three_family_repository: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from exitserve.server.http.app import create_app
+    from exitserve.server.service import StartupError
+
+    settings = Settings(model_repository=three_family_repository, default_model="resnet_fmnist")
+    with pytest.raises(StartupError, match="default model 'resnet_fmnist' is not in the repository"):
+        with TestClient(create_app(settings)):
+            pass
 
 
 def test_a_model_whose_first_exit_costs_more_than_the_default_gets_its_own_floor(
@@ -100,8 +160,6 @@ def test_a_default_budget_below_the_first_exit_refuses_the_start(three_family_re
 
 
 def test_per_model_batch_queue_and_pixel_limits(three_family_repository: Path, tmp_path: Path) -> None:
-    import numpy as np
-
     shutil.copytree(three_family_repository / "msdnet_fmnist", tmp_path / "repo" / "msdnet_fmnist")
     (tmp_path / "repo" / "msdnet_fmnist" / "serving.json").write_text(
         json.dumps({"max_batch_size": 2, "max_queue_images": 3, "max_pixels": 1000}))

@@ -14,8 +14,8 @@ from exitserve.loadtest.breakdown import phase_means_ms, phase_totals
 from exitserve.server.http.phases import FRAMEWORK, PARTITION
 from exitserve.server.process import configure_process
 from exitserve.server.settings import Settings
-from tests.server.images import encode, fashion_images
-from tests.server.live import live_server
+from tests.support.images import encode, fashion_images
+from tests.support.live import live_server
 
 
 @pytest.fixture(scope="module")

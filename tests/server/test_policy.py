@@ -11,7 +11,7 @@ import pytest
 from exitserve.repository.confidence import ALWAYS, NEVER
 from exitserve.server.errors import InvalidOptions
 from exitserve.server.policy import BudgetController, BudgetedSchedule, StageLatency, ThresholdSchedule, point_for_budget
-from tests.server.synthetic import (
+from tests.support.synthetic import (
     COSTS,
     FakeClock,
     SyntheticRuntime,

@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from exitserve.server.settings import Settings
-from tests.server.images import encode, fashion_images
-from tests.server.live import free_port, live_server
+from tests.support.images import encode, fashion_images
+from tests.support.live import free_port, live_server
 
 PROMETHEUS = shutil.which("prometheus")
 

@@ -71,9 +71,44 @@ def test_the_serve_config_file_is_valid_and_its_builder_builds_it() -> None:
     assert [d.name for d in app.deployments] == [ray_serve.APP_NAME]  # the config's section meets the deployment
     module, _, name = app.import_path.partition(":")
     builder = getattr(__import__(module, fromlist=[name]), name)
-    application = builder(app.args)
-    assert application is not None
-    assert RayOptions(**app.args["ray"]).metrics_port == app.args["ray"]["metrics_port"]
+    deployment = bound(builder(app.args))
+    assert deployment.name == ray_serve.APP_NAME
+    assert deployment.func_or_class is ray_serve.ExitserveReplica.func_or_class
+    # the builder's own options (RayOptions' defaults); the config's deployments section
+    # overrides them when Serve deploys it (4 CPUs, autoscaling 2 to 8)
+    assert deployment.num_replicas == 1 and deployment._deployment_config.autoscaling_config is None
+    assert deployment.ray_actor_options == {"num_cpus": 1}
+    assert (deployment.max_ongoing_requests, deployment.max_queued_requests) == (32, 256)
+    # what each replica is built from: the config's settings, resolved once, and its metrics port
+    handed, metrics_port = deployment.init_args
+    assert metrics_port == app.args["ray"]["metrics_port"] == 9100
+    assert handed["model_repository"] == "/models" and handed["default_budget"] == 0.25
+    assert "ray" not in handed and "host" not in handed and "port" not in handed
+    assert handed == settings_for_replicas(Settings(model_repository=Path("/models"), default_budget=0.25))
+
+
+def bound(application: object) -> object:
+    """The deployment a Serve application was bound from (``ray.serve.Application`` keeps it
+    there for Serve's own build step; it has no public view of it)."""
+    assert type(application).__name__ == "Application", application
+    return application._bound_deployment  # type: ignore[attr-defined]
+
+
+def test_the_cli_builds_its_replicas_and_options_into_the_application() -> None:
+    settings = Settings(model_repository=Path("/models"), shutdown_timeout_s=12, default_budget=0.4, port=9000)
+    fixed = bound(ray_serve.build(settings, RayOptions(replicas=3, replica_cpus=2, max_ongoing_requests=16,
+                                                       metrics_port=9200)))
+    assert fixed.name == ray_serve.APP_NAME
+    assert fixed.num_replicas == 3 and fixed._deployment_config.autoscaling_config is None
+    assert fixed.ray_actor_options == {"num_cpus": 2}
+    assert fixed.max_ongoing_requests == 16 and fixed._deployment_config.graceful_shutdown_timeout_s == 12
+    handed, metrics_port = fixed.init_args
+    assert metrics_port == 9200 and Settings(**handed).default_budget == 0.4 and "port" not in handed
+
+    scaled = bound(ray_serve.build(settings, RayOptions(replicas=2, max_replicas=6, target_ongoing_requests=4)))
+    config = scaled._deployment_config.autoscaling_config
+    assert (config.min_replicas, config.max_replicas, config.target_ongoing_requests) == (2, 6, 4)
+    assert scaled.ray_actor_options == {"num_cpus": 1} and scaled.init_args[1] == 0
 
 
 def test_the_metrics_listener_takes_the_next_free_port_of_its_range() -> None:

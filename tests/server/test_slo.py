@@ -9,17 +9,10 @@ import random
 import pytest
 
 from exitserve.server.slo import LatencyObjective, ladder_for
+from tests.support.clock import FakeClock
 
 LADDER = [0.25, 0.225, 0.2, 0.18, 0.16, 0.14, 0.11]
 OBJECTIVE = 50.0
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make(**kwargs) -> tuple[LatencyObjective, FakeClock]:
@@ -111,9 +104,18 @@ def test_load_step_down_then_up_tracks_without_overshoot() -> None:
     run(objective, clock, lambda step: 40.0, seconds=5)  # in the band: untouched
     assert objective.step == 0
     during = run(objective, clock, lambda step: 120.0 if step < 4 else 35.0, seconds=10)
-    assert max(during) >= 4 and changes(during[len(during) // 2:]) == 0
+    assert during[-1] >= 4 and changes(during[len(during) // 2:]) == 0
+    low = during[-1]
     after = run(objective, clock, lambda step: 12.0, seconds=30)
-    assert after[-1] == 0 and min(after) >= 0
+    assert after[-1] == 0 and objective.budget_cap is None  # the configured budget, uncapped
+    # back up one step at a time and never down again: each of the `low` steps taken once, so
+    # it neither stalls below the configured budget nor hunts around it
+    path = [low, *after]
+    assert all(b - a in (0, -1) for a, b in zip(path, path[1:])) and changes(path) == low
+    # no faster than the hold period allows: each step up needs `hold` calm intervals
+    reached = [path.index(step) for step in range(low, -1, -1)]
+    per_hold = objective.hold * objective.interval_s * 200  # answers in one hold period
+    assert all(b - a >= per_hold - 1 for a, b in zip(reached[1:], reached[2:]))
 
 
 def test_the_queue_prediction_leads_the_observed_latency() -> None:
@@ -196,7 +198,7 @@ def test_the_objective_caps_the_policy_and_pauses_the_online_controller() -> Non
 
     from exitserve.server.errors import InvalidOptions
     from exitserve.server.policy import ExitPolicy
-    from tests.server.synthetic import synthetic_calibration, synthetic_manifest
+    from tests.support.synthetic import synthetic_calibration, synthetic_manifest
 
     policy = ExitPolicy(synthetic_manifest(), synthetic_calibration(), default_budget=0.5)
     objective = policy.attach_objective(50.0)

@@ -1,10 +1,17 @@
 """The latency objective on a real server under a bounded burst on loopback: the budget
-steps down while the burst lasts, answers say so, refusals (if any) are 503s with
-Retry-After, and the budget comes back once the burst is over."""
+steps down while the burst lasts, answers say so, refusals (if any) come only at the floor
+and are 503s with Retry-After, and the budget comes back once the burst is over.
+
+The objective is not a constant tuned to one machine: the test first measures the server's
+median latency under the same burst without an objective, and sets the objective below it,
+so the burst must put it under pressure on a slow machine and on a fast one. The
+controller's arithmetic is tested on synthetic traces with a fake clock (test_slo.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from pathlib import Path
 
@@ -13,14 +20,14 @@ import pytest
 
 from exitserve.loadtest.slo_bench import scrape
 from exitserve.server.settings import Settings
-from tests.server.images import encode, fashion_images
-from tests.server.live import live_server
+from tests.support.images import encode, fashion_images
+from tests.support.live import live_server
 
 MODEL = "msdnet_fmnist"
-OBJECTIVE_MS = 30.0  # 48 concurrent requests on 2 cores put it at risk; over one batch's run, so the floor still answers
 CONCURRENCY = 48
 BURST_S = 4.0
 MAX_REQUESTS = 3000
+PRESSURE = 0.5  # the objective, as a share of the median latency the burst gets without one
 
 
 async def burst(url: str, blobs: list[bytes]) -> tuple[list[httpx.Response], list[dict]]:
@@ -47,15 +54,27 @@ async def burst(url: str, blobs: list[bytes]) -> tuple[list[httpx.Response], lis
     return responses, states
 
 
-@pytest.mark.timeout(180)
+def median_latency_ms(served_repository: Path, blobs: list[bytes]) -> float:
+    """The burst's median latency on this machine, without an objective."""
+    with live_server(Settings(model_repository=served_repository, online_budget=False)) as url:
+        responses, _ = asyncio.run(burst(url, blobs))
+    assert len(responses) > 100 and all(r.status_code == 200 for r in responses)
+    return statistics.median(r.elapsed.total_seconds() * 1000 for r in responses)
+
+
+@pytest.mark.perf
+@pytest.mark.timeout(240)
 def test_budget_steps_down_under_a_burst_and_back_after(served_repository: Path) -> None:
     pixels, _ = fashion_images(64)
     blobs = [encode(p) for p in pixels]
-    settings = Settings(model_repository=served_repository, latency_slo_ms=OBJECTIVE_MS, online_budget=False)
+    objective_ms = round(PRESSURE * median_latency_ms(served_repository, blobs), 3)
+    settings = Settings(model_repository=served_repository, latency_slo_ms=objective_ms, online_budget=False)
     with live_server(settings) as url:
         before = httpx.get(f"{url}/v1/models/{MODEL}").json()
-        assert before["latency_objective"]["step"] == 0 and before["latency_objective"]["objective_ms"] == OBJECTIVE_MS
+        objective = before["latency_objective"]
+        assert objective["step"] == 0 and objective["objective_ms"] == objective_ms
         assert before["effective_budget"] == before["budget"]
+        floor_step = len(objective["ladder"]) - 1
 
         responses, states = asyncio.run(burst(url, blobs))
 
@@ -65,8 +84,10 @@ def test_budget_steps_down_under_a_burst_and_back_after(served_repository: Path)
             if r.status_code == 503:  # shedding: only at the floor, with the protocol's hints
                 assert r.headers.get("retry-after") and r.json()["error"] == "overloaded"
         answers = [r.json() for r in responses if r.status_code == 200]
-        assert len(responses) > 100 and len(answers) >= 20
+        assert len(responses) > 100 and answers
         assert max(s["latency_objective"]["step"] for s in states) > 0  # it stepped down
+        # it sheds only at its floor: cheaper answers first
+        assert all(s["latency_objective"]["step"] == floor_step for s in states if s["latency_objective"]["shedding"])
         lowered = [a for a in answers if a["budget_applied"] < a["budget"]]
         assert lowered and all("latency objective" in a["budget_note"] for a in lowered)
         assert min(s["effective_budget"] for s in states) < before["budget"]
@@ -83,7 +104,7 @@ def test_budget_steps_down_under_a_burst_and_back_after(served_repository: Path)
         within = metrics.get(("exitserve_slo_requests_total", (("model", MODEL), ("outcome", "within"))), 0)
         missed = metrics.get(("exitserve_slo_requests_total", (("model", MODEL), ("outcome", "missed"))), 0)
         assert within + missed == len(answers)
-        assert metrics[("exitserve_latency_objective_seconds", (("model", MODEL),))] == pytest.approx(OBJECTIVE_MS / 1000)
+        assert metrics[("exitserve_latency_objective_seconds", (("model", MODEL),))] == pytest.approx(objective_ms / 1000)
         assert metrics[("exitserve_effective_budget", (("model", MODEL),))] == pytest.approx(before["budget"])
         assert metrics[("exitserve_expected_accuracy", (("model", MODEL),))] == pytest.approx(before["expected_accuracy"])
         shed = metrics.get(("exitserve_slo_shed_total", (("model", MODEL),)), 0)

@@ -20,8 +20,8 @@ from tritonclient.utils import InferenceServerException
 from exitserve.repository.format import load_manifest
 from exitserve.server.http.app import create_app
 from exitserve.server.settings import Settings
-from tests.server.images import encode, fashion_images
-from tests.server.live import live_server
+from tests.support.images import encode, fashion_images
+from tests.support.live import live_server
 
 MODEL = "msdnet_fmnist"
 COUNT = 12

@@ -29,21 +29,9 @@ from exitserve.repository.format import (
 )
 from exitserve.server.catalog import ServedModel
 from exitserve.server.engine import ModelEngine
+from tests.support.clock import FakeClock
 
 COSTS = (0.2, 0.5, 1.0)
-
-
-class FakeClock:
-    """Seconds that move only when a stage runs (or a test says so)."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance_ms(self, ms: float) -> None:
-        self.now += ms / 1000
 
 
 @dataclass

@@ -11,7 +11,9 @@ case one left the group.
 from __future__ import annotations
 
 import os
+import random
 import shutil
+import socket
 import signal
 import subprocess
 import sys
@@ -22,10 +24,42 @@ from pathlib import Path
 
 import psutil
 
-from tests.server.live import free_port
+from tests.support.live import free_port
 
 RAY = str(Path(sys.executable).parent / "ray")
 OBJECT_STORE_BYTES = 80 * 1024 * 1024  # Ray's floor is 75 MiB; the replicas pass no objects
+WORKER_PORTS = 200  # per node: each worker process of the node takes one
+LOWEST_PORT = 20000
+
+
+def free_port_block(size: int, avoid: list[range]) -> range:
+    """``size`` consecutive loopback ports, all free now, below the kernel's ephemeral
+    range (where its own client ports land) and outside ``avoid``: a node's worker ports.
+    Ray binds them itself, so they cannot be handed over; a random start keeps two test
+    runs on one machine apart."""
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    top = max(ephemeral, LOWEST_PORT + 10 * size) - size
+    rng = random.Random()  # its own seed: a test run's seeded `random` would pick the same block each run
+    for _ in range(200):
+        low = rng.randrange(LOWEST_PORT, top)
+        block = range(low, low + size)
+        if any(block.start < r.stop and r.start < block.stop for r in avoid):
+            continue
+        if all(_bindable(port) for port in block):
+            return block
+    raise RuntimeError(f"no {size} consecutive free ports from {LOWEST_PORT}")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass
@@ -78,16 +112,16 @@ class LocalRayCluster:
         self.nodes: list[RayNode] = []
         self.gcs_port = free_port()
         self.address = f"127.0.0.1:{self.gcs_port}"
-        self._next_worker_port = 20000
+        self._worker_ports: list[range] = []  # one block per node, apart
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
 
     def _start(self, name: str, args: list[str], timeout: float = 120.0) -> RayNode:
         temp_dir = self.root / name
-        low = self._next_worker_port
-        self._next_worker_port += 200
+        ports = free_port_block(WORKER_PORTS, self._worker_ports)
+        self._worker_ports.append(ports)
         command = [RAY, "start", "--num-cpus", str(self.cpus), "--node-ip-address", "127.0.0.1",
                    "--temp-dir", str(temp_dir), "--object-store-memory", str(OBJECT_STORE_BYTES),
-                   "--disable-usage-stats", "--min-worker-port", str(low), "--max-worker-port", str(low + 199),
+                   "--disable-usage-stats", "--min-worker-port", str(ports.start), "--max-worker-port", str(ports.stop - 1),
                    "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
                    *args]
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
