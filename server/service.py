@@ -98,13 +98,16 @@ class InferenceService:
             self.workers.mark_ready(True)
 
     async def stop(self, timeout_s: float | None = None) -> None:
-        """Let queued work finish for up to ``timeout_s`` (the shutdown timeout), then stop
-        the batchers, abandoning a stage still running."""
+        """Let queued work finish for up to ``timeout_s`` (the shutdown timeout; no later than
+        the server's own shutdown deadline), then stop the batchers, abandoning a stage
+        still running."""
         self.state.begin_draining()
         await self.feedback.stop()
         if self.workers:
             self.workers.mark_ready(False)
         deadline = time.monotonic() + (self.settings.shutdown_timeout_s if timeout_s is None else timeout_s)
+        if self.state.shutdown_deadline is not None:  # the server's shutdown has already spent part of it
+            deadline = min(deadline, self.state.shutdown_deadline)
         for model in self.models.values():
             batcher = model.batcher
             if batcher is None:

@@ -14,6 +14,7 @@ class ServerState:
     load_error: str | None = None  # why the models could not be served
     draining: bool = False  # shutting down: readiness says no, connections are closed after each answer
     in_flight: int = 0  # inference requests inside the app (admission's Little's-law bound reads it)
+    shutdown_deadline: float | None = None  # time.monotonic() by which queued work is abandoned, once shutting down
 
     def begin_draining(self) -> bool:
         """Start draining; False when it had already started (a second signal)."""

@@ -124,6 +124,12 @@ class DrainingServer(uvicorn.Server):
         self.state = state
         self.grace_s = grace_s
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # one shutdown timeout for the whole shutdown: what uvicorn spends on open requests
+        # is not given again to the models' queues when the lifespan stops them
+        self.state.shutdown_deadline = time.monotonic() + (self.config.timeout_graceful_shutdown or 0)
+        await super().shutdown(sockets)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         first = self.state.begin_draining()
         if not first or self.grace_s <= 0:  # a second signal, or no grace: go now

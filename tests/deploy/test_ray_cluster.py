@@ -22,12 +22,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from exitserve.loadtest.images import encoded_test_images
 from exitserve.server.settings import Settings
-from tests.support.ray_cluster import LocalRayCluster
+
 from tests.support.live import free_port, live_server, wait_until_ready
-from tests.server.test_reliability import metric
+from tests.support.raw_http import metric
+from tests.support.ray_cluster import LocalRayCluster
 
 pytest.importorskip("ray.serve", reason="the 'ray' extra is not installed")
 

@@ -24,7 +24,11 @@ USER_CLASSES = {"ClassifyUser", "CheapUser", "FullDepthUser", "DeadlineUser", "B
 USERS = len(USER_CLASSES)  # equal weights: one user of each class
 RUN_S = 15
 STOP_TIMEOUT_S = 30  # users finish the request in flight, so both sides count the same requests
-ACCURACY_FLOOR = 0.5  # the served model gets about 0.93 on Fashion-MNIST; far below means wrong answers
+# the served model gets about 0.93-0.94 on Fashion-MNIST at any budget (its first exit alone
+# about 0.93): over every class's answers pooled (hundreds), 0.85 is over 3 standard
+# deviations below that, and far above what wrong or shuffled answers get
+ACCURACY_FLOOR = 0.85
+CLASS_FLOOR = 0.5  # one class's answers may be few: only gross errors are caught per class
 
 
 def csv_rows(path: str) -> list[dict[str, str]]:
@@ -82,8 +86,10 @@ def test_locust_smoke_run_counts_and_accuracy(served_repository: Path, tmp_path:
     for name, entry in accuracy.items():
         assert entry["answers"] > 0, (name, entry)
         assert entry["accuracy"] == entry["correct"] / entry["answers"]
-        assert entry["accuracy"] > ACCURACY_FLOOR, (name, entry)
+        assert entry["accuracy"] > CLASS_FLOOR, (name, entry)
         assert f"accuracy {name}: " in output
+    pooled = sum(e["correct"] for e in accuracy.values()) / sum(e["answers"] for e in accuracy.values())
+    assert pooled > ACCURACY_FLOOR and sum(e["answers"] for e in accuracy.values()) >= 100, accuracy
 
     print(f"\nLocust {USERS} users, {RUN_S} s: {sum(sent.values())} requests, 0 failures "
           f"(CSV Aggregated row: {aggregated['Request Count']} requests, {float(aggregated['Requests/s']):.1f}/s); "

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from exitserve.models.data import load_splits
 from exitserve.server.engine import ModelEngine
@@ -54,7 +58,7 @@ def test_classify_png_and_jpeg_match_the_engine(url: str, served_repository: Pat
             assert body["label"] == engine.manifest.labels[body["class_index"]]
             assert set(body["timings_ms"]) == {"queue", "decode", "inference", "total"}
     correct = [classify(url, encode(p)).json()["class_index"] == y for p, y in zip(pixels, labels)]
-    assert np.mean(correct) > 0.5
+    assert np.mean(correct) >= 0.9  # 57 of these 60 are right; a random or constant answer gets under 20
 
 
 def test_raw_body_fast_path_and_top_k(url: str, images) -> None:
@@ -112,6 +116,119 @@ def test_deadline_answers_with_the_best_exit_so_far(url: str, images) -> None:
     assert relaxed["exit"]["deadline_hit"] is False and relaxed["exit"]["cost_fraction"] == 1.0
 
 
+# ---------------------------------------------------------------------------- deadlines between stages
+
+DEADLINE_BATCH = 64  # images per request: then each stage takes ~10 ms, far above an HTTP request's jitter here
+V2_LATENCY = "exitserve_request_latency_seconds"  # labelled by route: only the v2 route is used here
+STAGE_LATENCY = "exitserve_stage_latency_seconds"
+
+
+def v2_pixels(client: httpx.Client, pixels: np.ndarray, **parameters: float) -> list[float]:
+    """One Open Inference Protocol request, the images as raw binary pixels (nothing to
+    decode or parse: the time goes to the stages); each image's cost fraction."""
+    header = json.dumps({
+        "inputs": [{"name": "pixels", "datatype": "UINT8", "shape": list(pixels.shape),
+                    "parameters": {"binary_data_size": pixels.nbytes}}],
+        "outputs": [{"name": "cost_fraction", "parameters": {"binary_data": False}}],
+        "parameters": parameters}).encode()
+    response = client.post("/v2/models/msdnet_fmnist/infer", content=header + pixels.tobytes(),
+                           headers={"Inference-Header-Content-Length": str(len(header)),
+                                    "content-type": "application/octet-stream"})
+    assert response.status_code == 200, response.text
+    (output,) = response.json()["outputs"]
+    return output["data"]
+
+
+def server_metrics(client: httpx.Client) -> dict[tuple[str, str], float]:
+    """(sample name, its route or stage label) -> value, for the v2 route's request latency
+    and the model's stage latencies: the server's own clock."""
+    found = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        if family.name in (V2_LATENCY, STAGE_LATENCY):
+            for sample in family.samples:
+                if sample.labels.get("model") == "msdnet_fmnist" and not sample.name.endswith("_bucket"):
+                    found[(sample.name, sample.labels.get("stage", ""))] = sample.value
+    return found
+
+
+def timed_by_the_server(client: httpx.Client,
+                        request: Callable[[], list[float]]) -> tuple[list[float], float, list[float]]:
+    """Make one v2 ``request`` (the only one in flight) and read the server's own times for
+    it: (its answer, its time from arrival to answer in ms, each stage's time in ms; 0 for
+    a stage it did not run). The metrics are written as the answer leaves: poll for them."""
+    before = server_metrics(client)
+    answer = request()
+    count = before.get((f"{V2_LATENCY}_count", ""), 0.0)
+    deadline = time.monotonic() + 10
+    while (after := server_metrics(client)).get((f"{V2_LATENCY}_count", ""), 0.0) < count + 1:
+        assert time.monotonic() < deadline, "the request never reached the latency metric"
+    assert after[(f"{V2_LATENCY}_count", "")] == count + 1
+
+    def spent(name: str, label: str = "") -> float:
+        return 1000 * (after.get((name, label), 0.0) - before.get((name, label), 0.0))
+
+    stages = [spent(f"{STAGE_LATENCY}_sum", str(k)) for k in range(5)]
+    return answer, spent(f"{V2_LATENCY}_sum"), stages
+
+
+def test_a_deadline_between_stage_boundaries_stops_at_the_last_stage_that_fits(served_repository: Path) -> None:
+    """Before each stage the server asks its per-stage latency predictor whether the stage
+    would end past the request's deadline; if so the images are answered from what already
+    ran. For deadlines in the middle of the gaps between the predicted cumulative stage
+    times, checked against the server's own clock (its metrics) for each request:
+
+    * no stage ran that the predictor said would end past the deadline (time from arrival
+      to the stage's start, at least the stages before it, plus its prediction);
+    * the next stage was skipped only because it would have (the request's whole time so
+      far plus that stage's prediction is past the deadline): the last stage that fits;
+    * the request took at most the deadline plus one stage (two tries in three: a stall
+      on a busy machine may break one);
+    * it stopped within one stage of the gap the deadline was put in.
+
+    The predictor learns from noise (a stalled run makes the next predictions longer), so
+    the stage a request stops at is checked against the times it really had, not against
+    the predictions alone. Ignoring deadlines runs every stage: the first check fails."""
+    settings = Settings(model_repository=served_repository, online_budget=False, max_batch_size=DEADLINE_BATCH,
+                        provider="cpu")
+    pixels = fashion_images(DEADLINE_BATCH)[0][..., 0]  # N x 28 x 28
+    with live_server(settings) as url, httpx.Client(base_url=url, timeout=60) as client:
+        stages = client.get("/v1/models/msdnet_fmnist").json()["manifest"]["stages"]
+        costs = [round(s["cost_fraction"], 6) for s in stages]
+        batch_1, batch_64 = (np.array([s["latency"][key] for s in stages]) for key in ("batch_1_ms", "batch_64_ms"))
+        for _ in range(10):  # the predictor learns what a batch of 64 costs on this machine now
+            assert v2_pixels(client, pixels, budget=1.0) == [1.0] * DEADLINE_BATCH
+
+        def predicted_ms() -> np.ndarray:
+            """Each stage's predicted time for this batch, as the server predicts it now:
+            its batch-64 measurement scaled by the running ratio of measured to predicted
+            (which GET /v1/models shows on the batch-1 prediction)."""
+            at_batch_1 = np.array(client.get("/v1/models/msdnet_fmnist").json()["stage_latency_ms"])
+            return batch_64 * at_batch_1 / batch_1
+
+        for gap in range(len(stages) - 1):  # between the end of stage `gap` and the end of the next
+            within_time = 0
+            for _ in range(3):
+                predicted = predicted_ms()
+                deadline = float(np.cumsum(predicted)[gap] + predicted[gap + 1] / 2)
+                answer, took_ms, stage_ms = timed_by_the_server(
+                    client, partial(v2_pixels, client, pixels, budget=1.0, deadline_ms=deadline))
+                ran = {costs.index(round(cost, 6)) for cost in answer}
+                assert len(ran) == 1, ran  # one batch, one deadline: all stop together
+                last = ran.pop()
+                assert all(ms > 0 for ms in stage_ms[:last + 1]) and not any(stage_ms[last + 1:]), stage_ms
+                slack = 0.05  # ms: the predictions are read back rounded
+                if last > 0:  # it started stage `last` only if that was predicted to end in time
+                    assert sum(stage_ms[:last]) + predicted[last] <= deadline + slack, (gap, last, stage_ms, predicted)
+                if last < len(stages) - 1:  # and skipped the next only if that would not have
+                    assert took_ms + predicted[last + 1] > deadline - slack, (gap, last, took_ms, predicted)
+                assert gap - 1 <= last <= gap + 1, (gap, last, deadline, stage_ms, predicted)
+                within_time += took_ms <= deadline + predicted.max()
+            assert within_time >= 2, f"over the deadline plus one stage in {3 - within_time} tries of 3"
+        # past the last stage's predicted end: nothing is cut
+        assert v2_pixels(client, pixels, budget=1.0, deadline_ms=float(3 * predicted_ms().sum())) == \
+            [1.0] * DEADLINE_BATCH
+
+
 def test_batch_respects_its_budget_and_upload_order(url: str, images) -> None:
     pixels, labels = images
     files = [("files", (f"{i}.png", encode(p), "image/png")) for i, p in enumerate(pixels[:16])]
@@ -127,33 +244,36 @@ def test_batch_respects_its_budget_and_upload_order(url: str, images) -> None:
 
 
 def test_the_budgeted_batch_buys_the_calibrated_accuracy_with_its_budget(served_repository: Path) -> None:
-    """The whole Fashion-MNIST test set through POST /classify/batch at a budget the first
-    exit alone cannot reach: the accuracy the calibration promises for that budget (within
-    half a point), for at least 90% of the budget spent in every batch. Sending every image
-    out at the first exit would score the first exit's accuracy, over half a point lower (the
-    test checks that first), and spend under half the budget."""
+    """The whole Fashion-MNIST test set (10,000 images) through POST /classify/batch at a
+    budget the first exit alone cannot reach: the accuracy the calibration promises for that
+    budget (within half a point), for at least 90% of the budget spent, and never more than
+    the budget in any request. Sending every image out at the first exit would score the
+    first exit's accuracy, over half a point lower (checked first), and spend under half.
+    (One request of 256 easy images may spend under 90%: its thresholds let them go; the
+    set as a whole must not.)"""
     test = load_splits("fashion-mnist").test
     settings = Settings(model_repository=served_repository, online_budget=False)
     per_request = settings.max_files
-    correct, promised = 0, set()
+    correct, spent, promised = 0, 0.0, set()
     with live_server(settings) as url, httpx.Client(base_url=url, timeout=120) as client:
         stages = client.get("/v1/models/msdnet_fmnist").json()["manifest"]["stages"]
         assert stages[0]["cost_fraction"] < BATCH_BUDGET / 2
         for start in range(0, len(test.labels), per_request):
             pixels, labels = test.images[start:start + per_request], test.labels[start:start + per_request]
             files = [("files", (f"{start + i}.png", encode(p), "image/png")) for i, p in enumerate(pixels)]
-            body = client.post("/classify/batch", params={"budget": BATCH_BUDGET}, files=files)
-            assert body.status_code == 200, body.text
-            summary = body.json()["summary"]
+            response = client.post("/classify/batch", params={"budget": BATCH_BUDGET}, files=files)
+            assert response.status_code == 200, response.text
+            summary = response.json()["summary"]
             assert summary["classified"] == len(labels) and summary["budget"] == BATCH_BUDGET
-            assert summary["mean_cost_fraction"] <= BATCH_BUDGET + 1e-9  # never over
-            assert summary["spent_fraction"] >= 0.9, summary  # and not far under: the budget is spent
+            assert summary["mean_cost_fraction"] <= BATCH_BUDGET + 1e-9  # never over, in any request
+            spent += summary["mean_cost_fraction"] * len(labels)
             promised.add(summary["expected_accuracy"])
-            answers = [item["result"]["class_index"] for item in body.json()["results"]]
+            answers = [item["result"]["class_index"] for item in response.json()["results"]]
             correct += int(np.sum(np.asarray(answers) == labels))
     (expected,) = promised
-    first_exit_alone = stages[0]["test_accuracy"]  # measured on this same test set at export
+    first_exit_alone = stages[0]["test_accuracy"]  # measured on this same test set
     assert first_exit_alone < expected - 0.005, "the first exit alone would pass: pick another budget"
+    assert spent / (BATCH_BUDGET * len(test.labels)) >= 0.9, "the budget was not spent"
     accuracy = correct / len(test.labels)
     assert accuracy >= expected - 0.005, f"{accuracy:.4f} on {len(test.labels)} test images, promised {expected:.4f}"
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from exitserve.server.options import InferenceOptions, parse_model, parse_option
 from exitserve.server.settings import Settings
 from tests.support.images import encode, fashion_images
 from tests.support.live import live_server
+from tests.support.raw_http import raw_request
 
 MODEL = "msdnet_fmnist"
 
@@ -166,19 +165,6 @@ def test_both_protocols_report_the_budget_the_latency_objective_applied(served_r
 # ---------------------------------------------------------------------------- what the HTTP parser refuses
 
 
-def raw_exchange(port: int, request: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(request)
-        received = b""
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            received += chunk
-        return received
-
-
 @pytest.mark.parametrize("headers", [
     b"Content-Length: 3\r\nContent-Length: 4\r\n",
     b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n",
@@ -186,8 +172,8 @@ def raw_exchange(port: int, request: bytes) -> bytes:
 ])
 def test_requests_the_parser_refuses_get_the_json_error_and_a_request_id(url: str, headers: bytes) -> None:
     port = int(url.rsplit(":", 1)[1])
-    got = raw_exchange(port, b"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: image/png\r\n"
-                             + headers + b"\r\nabc")
+    got, _, _ = raw_request(port, b"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: image/png\r\n"
+                                  + headers + b"\r\nabc")
     head, _, body = got.partition(b"\r\n\r\n")
     lines = head.decode().split("\r\n")
     assert lines[0].startswith("HTTP/1.1 400"), got

@@ -3,15 +3,10 @@ cheaply, and never hangs. Traffic goes to 127.0.0.1 only, bounded in count and t
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,127 +15,23 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from exitserve.server import decoder as decoder_module
 from exitserve.server.preprocess import LARGE_IMAGE_PIXELS
 from exitserve.server.settings import Settings
+
 from tests.support.images import encode, fashion_images
-from tests.support.live import free_port, live_server, wait_until_ready
+from tests.support.live import live_server
+from tests.support.processes import (
+    MARGIN_S,
+    ServerProcess,
+    eventually,
+    readiness,
+    running,
+)
+from tests.support.raw_http import metric, post_head, raw_request
 
 MODEL = "msdnet_fmnist"
-
-
-# ---------------------------------------------------------------------------- helpers
-
-
-def raw_request(port: int, head: bytes, body: bytes = b"", wait_s: float = 5.0) -> tuple[bytes, float, bool]:
-    """Send ``head`` and ``body`` on a fresh socket and read until the server closes or
-    ``wait_s`` passes: (what came back, seconds until it closed or the wait ended, closed?)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as sock:
-        sock.sendall(head + body)
-        started = time.monotonic()
-        received = b""
-        sock.settimeout(0.2)
-        while time.monotonic() - started < wait_s:
-            try:
-                chunk = sock.recv(65536)
-            except socket.timeout:
-                continue
-            except ConnectionResetError:
-                return received, time.monotonic() - started, True
-            if not chunk:
-                return received, time.monotonic() - started, True
-            received += chunk
-        return received, time.monotonic() - started, False
-
-
-def post_head(path: str, length: int, content_type: str = "image/png") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: {content_type}\r\n"
-            f"content-length: {length}\r\n\r\n").encode()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    return 0.0
-
-
-def eventually(check: Callable[[], object], timeout: float, what: str) -> object:
-    """Poll ``check`` until it returns something true; fail naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout:g} s")
-        time.sleep(0.05)
-    return value
-
-
-def readiness(url: str) -> str:
-    """/readyz's status, or "" when nothing answers."""
-    try:
-        return httpx.get(f"{url}/readyz", timeout=5).json()["status"]
-    except httpx.HTTPError:
-        return ""
-
-
-class ServerProcess:
-    """``exitserve serve`` in a session of its own (its workers included), for signals and
-    start-up faults; ``stop`` kills the whole session. Output goes to a file, so a chatty
-    server cannot block on a full pipe and a worker left behind cannot hold it open."""
-
-    def __init__(self, repository: Path, **env: object) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        environment = {**os.environ, **{f"EXITSERVE_{k.upper()}": str(v) for k, v in env.items()}}
-        self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "exitserve.cli", "serve", "--model-repository", str(repository),
-             "--port", str(self.port), "--log-level", "warning"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=environment, text=True, start_new_session=True)
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        try:
-            wait_until_ready(self.url, self.proc, timeout)
-        except RuntimeError as exc:
-            raise RuntimeError(f"{exc}\n{self.output()[-4000:]}") from None
-
-    def wait_exit(self, timeout: float) -> tuple[int, str]:
-        """(exit status, output); fails the test if the process is still running after ``timeout`` s."""
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            output = self.output()
-            self.stop()
-            pytest.fail(f"the server did not exit within {timeout:g} s:\n{output[-4000:]}")
-        return self.proc.returncode, self.output()
-
-    def descendants(self) -> list[psutil.Process]:
-        return psutil.Process(self.proc.pid).children(recursive=True)
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the group outlives its leader while a worker is left
-        self.proc.wait()
-
-
-def gone(processes: list[psutil.Process]) -> bool:
-    """Every one of ``processes`` has exited (a zombie waiting for init counts as exited)."""
-    for process in processes:
-        try:
-            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-                return False
-        except psutil.NoSuchProcess:
-            pass
-    return True
 
 
 # ---------------------------------------------------------------------------- start-up faults
@@ -212,16 +103,6 @@ def test_a_repository_that_cannot_be_served_stops_the_start_in_one_line(served_r
 # ---------------------------------------------------------------------------- timeouts and shutdown
 
 
-@contextlib.contextmanager
-def running(served_repository: Path, **env: object) -> Iterator[ServerProcess]:
-    server = ServerProcess(served_repository, **env)
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def process(served_repository: Path) -> Iterator[ServerProcess]:
     with running(served_repository, header_timeout_s=1, body_timeout_s=2) as server:
@@ -240,7 +121,6 @@ def test_slow_headers_and_slow_bodies_are_cut_off(process: ServerProcess) -> Non
 
 GRACE_S = 4.0
 SHUTDOWN_S = 3.0
-MARGIN_S = 20.0  # start-up and exit of the process on a busy machine: far below any hang being tested
 
 
 def test_sigterm_drains_visibly_then_exits_despite_a_stalled_upload(served_repository: Path) -> None:

@@ -53,7 +53,8 @@ def serving(settings: Settings, timeout: float = 120.0) -> Iterator[TestClient]:
         yield client
 
 
-def classify(client: TestClient, image: bytes, headers: dict[str, str] | None = None, **params: object):
+def classify(client: TestClient, image: bytes, headers: dict[str, str] | None = None,
+             **params: object) -> httpx.Response:
     return client.post("/classify", content=image, params=params,
                        headers={"content-type": "image/png", **(headers or {})})
 

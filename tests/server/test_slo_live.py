@@ -3,7 +3,8 @@ steps down while the burst lasts, answers say so, refusals (if any) come only at
 and are 503s with Retry-After, and the budget comes back once the burst is over.
 
 The objective is not a constant tuned to one machine: the test first measures the server's
-median latency under the same burst without an objective, and sets the objective below it,
+median latency under the same burst without an objective, and sets the objective at half of
+it,
 so the burst must put it under pressure on a slow machine and on a fast one. The
 controller's arithmetic is tested on synthetic traces with a fake clock (test_slo.py).
 """
@@ -55,11 +56,12 @@ async def burst(url: str, blobs: list[bytes]) -> tuple[list[httpx.Response], lis
 
 
 def median_latency_ms(served_repository: Path, blobs: list[bytes]) -> float:
-    """The burst's median latency on this machine, without an objective."""
+    """The burst's median server-side latency on this machine, without an objective (what
+    the objective measures: the client's own time on these 2 cores is not the server's)."""
     with live_server(Settings(model_repository=served_repository, online_budget=False)) as url:
         responses, _ = asyncio.run(burst(url, blobs))
     assert len(responses) > 100 and all(r.status_code == 200 for r in responses)
-    return statistics.median(r.elapsed.total_seconds() * 1000 for r in responses)
+    return statistics.median(r.json()["timings_ms"]["total"] for r in responses)
 
 
 @pytest.mark.perf

@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import socket
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
