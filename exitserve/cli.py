@@ -121,34 +121,124 @@ def _print_exit_table(exits: Sequence[ExitRecord], accuracies: Sequence[float | 
               f"{100 * e.flops / full:7.1f}% {e.params / 1e6:8.2f}M")
 
 
+def _label_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",")]
+
+
+DATA_HELP = ("fashion-mnist[:PATH], cifar10:PATH, cifar100:PATH or image-folder:PATH "
+             "(PATH/train/<class>/*.png, PATH/test/...)")
+
+
+def _add_metadata_flags(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group(
+        "the model's input", f"{what}; a value also in the model's exitserve_metadata must agree with it, and size, "
+        "channels and labels default to the dataset's (--data). The normalisation is the one the model was "
+        "trained with: it has no default")
+    g.add_argument("--input-size", type=int, default=None, metavar="N", help="side of the square input image")
+    g.add_argument("--channels", type=int, default=None, metavar="C")
+    g.add_argument("--mean", type=_float_list, default=None,
+                   help="per channel, of pixels in [0, 1]: 0.286 or 0.485,0.456,0.406")
+    g.add_argument("--std", type=_float_list, default=None, help="per channel, as --mean")
+    g.add_argument("--labels", type=_label_list, default=None, help="class names, comma-separated, in output order")
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
     from exitserve.repository.format import DEFAULT_OPSET  # pydantic, no torch or ONNX Runtime
 
-    p = sub.add_parser("export", help="checkpoint -> model repository (per-stage ONNX, manifest, parity gate)")
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    p = sub.add_parser("export", help="model -> model repository (per-stage ONNX, manifest, parity gate)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", default=None,
+                       help=f"checkpoint of a registered family (default: {DEFAULT_CHECKPOINT})")
+    which.add_argument("--model", default=None, metavar="PACKAGE.MODULE:FUNCTION",
+                       help="your own factory returning an exitserve.EarlyExitModel (or exitserve.MultiExit); "
+                            "imported with the working directory first on sys.path")
+    p.add_argument("--weights", default=None, help="with --model: a state dict to load into what it returns")
+    p.add_argument("--model-config", type=_json_dict, default=None, help="with --model: its keyword arguments, JSON")
     p.add_argument("--out", required=True, help="model folder to write, e.g. model_repository/msdnet_fmnist")
+    p.add_argument("--data", default=None, help=f"parity images' dataset: {DATA_HELP}")
     p.add_argument("--data-dir", default=None, help="dataset folder for the parity images")
     p.add_argument("--parity-images", type=int, default=512)
     p.add_argument("--fp16", action="store_true", help="half-precision graphs (for the CUDA provider)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    _add_metadata_flags(p, "With --model only (a checkpoint carries its own)")
     p.set_defaults(handler=_run_export)
 
 
-def _run_export(args: argparse.Namespace) -> int:
-    from exitserve.exporter.export import export_repository
+METADATA_FLAGS = {"input_size": "--input-size", "channels": "--channels", "mean": "--mean", "std": "--std",
+                  "labels": "--labels"}
 
-    manifest, parity = export_repository(
-        args.checkpoint, args.out, data_dir=args.data_dir, parity_images=args.parity_images,
-        fp16=args.fp16, opset=args.opset, overwrite=args.overwrite,
-    )
+
+def _run_export(args: argparse.Namespace) -> int:
+    from exitserve.exporter.export import export_factory, export_repository
+
+    common = dict(data=args.data, data_dir=args.data_dir, parity_images=args.parity_images, fp16=args.fp16,
+                  opset=args.opset, overwrite=args.overwrite)
+    if args.model is not None:
+        metadata = {key: getattr(args, key) for key in METADATA_FLAGS}
+        manifest, parity = export_factory(args.model, args.out, weights=args.weights, model_config=args.model_config,
+                                          **metadata, **common)
+    else:
+        only_with_model = [flag for key, flag in {**METADATA_FLAGS, "weights": "--weights",
+                                                  "model_config": "--model-config"}.items()
+                           if getattr(args, key) is not None]
+        if only_with_model:
+            raise ConfigurationError(f"{', '.join(only_with_model)}: only with --model (a checkpoint carries its "
+                                     "own weights and metadata)")
+        manifest, parity = export_repository(args.checkpoint or DEFAULT_CHECKPOINT, args.out, **common)
     worst = max(e.max_abs_diff for e in parity.exits)
     print(f"wrote {args.out}: {manifest.num_exits} stages, parity on {parity.images} images "
-          f"max |diff| {worst:.2e} (tolerance {parity.tolerance:g})")
+          f"({manifest.parity['data']}) max |diff| {worst:.2e} (tolerance {parity.tolerance:g})")
     for stage in manifest.stages:
         lat = stage.latency
         print(f"  {stage.file}  exit {stage.exit_name:<14} cost {100 * stage.cost_fraction:5.1f}%  "
               f"batch1 {lat.batch_1_ms:.3f} ms  batch64 {lat.batch_64_ms:.2f} ms ({lat.provider})")
+    return 0
+
+
+def _add_retrofit(sub: argparse._SubParsersAction) -> None:
+    from exitserve.models.train_config import RetrofitTrainConfig  # not models.retrofit_train: that imports torch
+
+    d = RetrofitTrainConfig()
+    p = sub.add_parser("retrofit", help="train exit heads onto a trained single-exit classifier (frozen)")
+    p.add_argument("--backbone", required=True, metavar="PACKAGE.MODULE:FUNCTION",
+                   help="your factory returning the trained classifier (an nn.Module giving logits); imported with "
+                        "the working directory first on sys.path, here and wherever the checkpoint is exported")
+    p.add_argument("--backbone-config", type=_json_dict, default={}, help="the factory's keyword arguments, JSON")
+    p.add_argument("--weights", required=True,
+                   help="the classifier's state dict (torch.save(model.state_dict(), PATH))")
+    p.add_argument("--exits", required=True, metavar="NAME,NAME,...|auto:K",
+                   help="submodules to put an exit after, in the order forward runs them (layer1,layer2), or auto:K "
+                        "for K exits at even shares of the FLOPs")
+    p.add_argument("--out", required=True, help="checkpoint to write; OUT.resume holds the resume state")
+    p.add_argument("--data", default=None, help=f"{DATA_HELP} (default: the backbone's metadata's, else fashion-mnist)")
+    p.add_argument("--head", default=d.head, help="conv (strided 3x3 conv + BN + ReLU, pooling, linear), "
+                                                   "pool (pooling, linear) or mlp (pooling, two linear layers)")
+    p.add_argument("--head-width", type=float, default=d.head_width,
+                   help="hidden width of a conv or mlp head, times the feature map's channels")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--distill", type=float, default=d.distill,
+                   help="share of each head's loss from the backbone's own soft labels (0: labels only)")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--crop-padding", type=int, default=None)
+    p.add_argument("--no-hflip", dest="hflip", action="store_false")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--steps-per-epoch", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    _add_metadata_flags(p, "The backbone's input")
+    p.set_defaults(handler=_run_retrofit)
+
+
+def _run_retrofit(args: argparse.Namespace) -> int:
+    from exitserve.models.retrofit_train import RetrofitTrainConfig, retrofit
+
+    fields = RetrofitTrainConfig.__dataclass_fields__
+    checkpoint = retrofit(RetrofitTrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    _print_exit_table(checkpoint.exits, [e.test_accuracy for e in checkpoint.exits])
     return 0
 
 
@@ -158,6 +248,9 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="budget-aware exit thresholds from the held-out split")
     p.add_argument("--repository", required=True, help="model folder written by `exitserve export`")
     p.add_argument("--rule", default=DEFAULT_RULE, choices=RULES)
+    p.add_argument("--data", default=None,
+                   help=f"calibrate on this dataset's held-out split (the images the model will see): {DATA_HELP}; "
+                        "default: the dataset the export recorded")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--no-report", dest="report", action="store_false", help="skip the test-set report")
     p.set_defaults(handler=_run_calibrate)
@@ -166,9 +259,11 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 def _run_calibrate(args: argparse.Namespace) -> int:
     from exitserve.exporter.calibrate import calibrate_repository
 
-    calibration, report = calibrate_repository(args.repository, rule=args.rule, data_dir=args.data_dir,
-                                               report=args.report)
-    print(f"wrote {args.repository}/calibration.json: {len(calibration.curve)} budgets, rule {calibration.rule}")
+    calibration, report = calibrate_repository(args.repository, rule=args.rule, data=args.data,
+                                               data_dir=args.data_dir, report=args.report)
+    held = calibration.heldout
+    print(f"wrote {args.repository}/calibration.json: {len(calibration.curve)} budgets, rule {calibration.rule}, "
+          f"on {held['images']} held-out images of {held['dataset']} (seeded split, seed {held['seed']})")
     if report:
         print(f"{'budget':>7} {'method':>9} {'held-out acc':>12} {'test acc':>9} {'test cost':>9}")
         for p in report["curve"]:
@@ -251,14 +346,17 @@ def _ensure_default_repository(folder) -> None:
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the registered model builders")
+    p = sub.add_parser("models", help="list the registered model builders and where each comes from "
+                                      "(built-in, or the plug-in distribution)")
     p.set_defaults(handler=_run_models)
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    from exitserve.models.registry import list_models  # the registry itself: needs PyTorch
+    from exitserve.models.registry import model_origins  # the registry itself: needs PyTorch
 
-    print("\n".join(list_models()))
+    origins = model_origins()
+    width = max(map(len, origins))
+    print("\n".join(f"{name:<{width}}  {origin}" for name, origin in origins.items()))
     return 0
 
 
@@ -266,7 +364,7 @@ EXTRA_OF = {"torch": "train", "onnx": "train", "matplotlib": "train", "ray": "ra
 
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_train, _add_evaluate, _add_export, _add_calibrate, _add_serve, _add_models,
+    _add_train, _add_evaluate, _add_retrofit, _add_export, _add_calibrate, _add_serve, _add_models,
 ]
 
 

@@ -26,6 +26,10 @@ Budget 1.0 is pinned to the full network (every image to the last exit), so "bud
 always means the plain, full-depth model.
 
 The test set is only used afterwards, to report.
+
+The data is the export's dataset unless ``--data`` names another (``image-folder:PATH``:
+the images the model will actually see). Its held-out split is seeded, so a rerun picks the
+same images; the calibration and the report say which dataset and how many images.
 """
 
 from __future__ import annotations
@@ -41,13 +45,14 @@ from exitserve.repository.format import (
     SERVING_FILE,
     BudgetPoint,
     Calibration,
+    Manifest,
     load_manifest,
     write_budget_floor,
     write_json,
 )
 from exitserve.repository.runtime import StagedModel
 from exitserve.exporter.exit_table import ExitTable, exit_table
-from exitserve.models.data import SPLIT_SEED, ImageDataset, load_splits
+from exitserve.models.data import SPLIT_SEED, DataSource, DataSplits, DatasetError, ImageDataset, resolve_data
 
 GEOMETRIC_RATIOS = np.round(np.arange(0.02, 2.0, 0.02), 4)
 QUANTILES = np.linspace(0.0, 1.0, 101)
@@ -227,15 +232,17 @@ def budget_curve(table: ExitTable, progress: bool = False) -> tuple[list[BudgetP
 
 
 def calibrate(staged: StagedModel, data: ImageDataset, rule: ConfidenceRule = DEFAULT_RULE,
-              progress: bool = True) -> tuple[Calibration, dict[str, list[Candidate]]]:
+              progress: bool = True, dataset: str | None = None) -> tuple[Calibration, dict[str, list[Candidate]]]:
     """The budget curve of ``staged`` on ``data`` (the held-out split, in the CLI). The
-    calibration records the split it was given, so calibrating on the test set shows."""
+    calibration records the dataset (``dataset``, as ``--data`` names it; by default the
+    manifest's) and the split it was given, so calibrating on the test set shows."""
     manifest = staged.manifest
     held = exit_table(staged, manifest, data, rule)
     curve, picks = budget_curve(held, progress)
     calibration = Calibration(
         rule=rule,
-        heldout={"dataset": manifest.source.dataset, "split": data.split, "images": len(data), "seed": SPLIT_SEED},
+        heldout={"dataset": dataset or manifest.source.dataset, "split": data.split, "images": len(data),
+                 "seed": SPLIT_SEED},
         exit_accuracy=[float(a) for a in held.correct.mean(axis=1)],
         cost_fractions=[float(c) for c in held.costs],
         curve=curve,
@@ -243,15 +250,39 @@ def calibrate(staged: StagedModel, data: ImageDataset, rule: ConfidenceRule = DE
     return calibration, picks
 
 
-def calibrate_repository(folder: str | Path, *, rule: ConfidenceRule = DEFAULT_RULE, data_dir: str | None = None,
-                         report: bool = True, progress: bool = True) -> tuple[Calibration, dict | None]:
-    """``exitserve calibrate``: calibrate on the held-out split, write ``calibration.json``,
-    then (with ``report``) evaluate every point on the test set."""
+def calibration_data(manifest: Manifest, data: str | None = None,
+                     data_dir: str | None = None) -> tuple[DataSource, DataSplits]:
+    """The dataset to calibrate on: ``data`` (``--data``: the images the model will see,
+    e.g. ``image-folder:PATH``), else the one the export recorded; its images at the
+    model's size and channels. Its classes must be the model's outputs, in number."""
+    source = resolve_data(data, data_dir, default=manifest.source.dataset)
+    if source is None:
+        raise DatasetError(f"{manifest.name} was exported without a dataset: name the images to calibrate on "
+                           "with --data (fashion-mnist, cifar10:PATH, cifar100:PATH, image-folder:PATH)")
+    splits = source.load(manifest.input.size, manifest.input.channels)
+    sample = splits.holdout
+    if (sample.size, sample.channels) != (manifest.input.size, manifest.input.channels):
+        raise DatasetError(f"{source} has {sample.size} x {sample.size} images with {sample.channels} channels; "
+                           f"{manifest.name} takes {manifest.input.size} x {manifest.input.size} with "
+                           f"{manifest.input.channels}")
+    if len(sample.classes) != len(manifest.labels):
+        raise DatasetError(f"{source} has {len(sample.classes)} classes; {manifest.name} has {len(manifest.labels)} "
+                           "labels")
+    return source, splits
+
+
+def calibrate_repository(folder: str | Path, *, rule: ConfidenceRule = DEFAULT_RULE, data: str | None = None,
+                         data_dir: str | None = None, report: bool = True,
+                         progress: bool = True) -> tuple[Calibration, dict | None]:
+    """``exitserve calibrate``: calibrate on the held-out split of ``data`` (by default the
+    dataset the export recorded), write ``calibration.json``, then (with ``report``)
+    evaluate every point on the test set. The held-out split is seeded
+    (``models.data.holdout_split``): the same images on every run."""
     folder = Path(folder)
     manifest = load_manifest(folder)
     staged = StagedModel(folder, manifest)
-    splits = load_splits(manifest.source.dataset, data_dir, manifest.input.size)
-    calibration, picks = calibrate(staged, splits.holdout, rule, progress)
+    source, splits = calibration_data(manifest, data, data_dir)
+    calibration, picks = calibrate(staged, splits.holdout, rule, progress, dataset=str(source))
     write_json(folder / "calibration.json", calibration)
     if floor := write_budget_floor(folder, manifest):
         print(f"{folder.name}: its first exit costs more than the server's default budget: wrote "

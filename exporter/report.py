@@ -39,6 +39,7 @@ def build_test_report(name: str, calibration: Calibration, picks: dict, test: Ex
         "rule": calibration.rule,
         "split": split,
         "images": test.num_images,
+        "heldout": calibration.heldout,  # what the thresholds were fitted on
         "curve": curve,
         "static_exits": statics,
         "oracle": {"accuracy": oracle_acc, "cost": oracle_cost},

@@ -152,6 +152,41 @@ def model_from_checkpoint(checkpoint: Checkpoint) -> nn.Module:
     return model.eval()
 
 
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A plain state dict saved with ``torch.save(model.state_dict(), path)`` (or a dict
+    holding one under ``state_dict``), as a user's own training writes it; loaded with
+    ``weights_only`` (no code runs), ``module.`` prefixes dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types on garbage
+        raise CheckpointError(f"{path}: not a PyTorch state dict ({exc})") from exc
+    if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
+        raw = raw["state_dict"]
+    if not isinstance(raw, Mapping) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise CheckpointError(f"{path}: expected a state dict (parameter name -> tensor), "
+                              "as torch.save(model.state_dict(), path) writes")
+    return strip_module_prefix(dict(raw))
+
+
+def load_weights_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """``load_state_dict`` strictly, with a message that names the file and the first keys
+    that do not match (the usual mistake: weights of another architecture or config)."""
+    result = module.state_dict()
+    missing = [k for k in result if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in result]
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not fit {type(module).__name__}: missing {missing[:5]}"
+                              f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                              f"{' ...' if len(unexpected) > 5 else ''}")
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:  # same keys, other shapes
+        raise CheckpointError(f"{source} does not fit {type(module).__name__}: {exc}") from exc
+
+
 def strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the ``module.`` prefix that ``nn.DataParallel`` checkpoints carry."""
     return {k.removeprefix("module."): v for k, v in state_dict.items()}

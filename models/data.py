@@ -174,8 +174,10 @@ def load_cifar_split(root: Path, num_classes: int, train: bool) -> ImageDataset:
 # ----------------------------------------------------------------------------- image folder
 
 
-def load_image_folder(root: Path, size: int | None = None) -> ImageDataset:
-    """``root/<class>/*.png|jpg``: classes sorted by name, images resized to ``size``."""
+def load_image_folder(root: Path, size: int | None = None, channels: int | None = None) -> ImageDataset:
+    """``root/<class>/*.png|jpg``: classes sorted by name, images resized to ``size`` and
+    converted to ``channels`` (1: grey, 3: RGB), as the server converts an upload for the
+    model; without ``channels``, grey when every image is grey, else RGB."""
     from PIL import Image, UnidentifiedImageError
 
     if not root.is_dir():
@@ -195,7 +197,10 @@ def load_image_folder(root: Path, size: int | None = None) -> ImageDataset:
                 decoded.append(img.copy())
         except (UnidentifiedImageError, OSError) as exc:
             raise DatasetError(f"{path}: not a readable image ({exc})") from exc
-    mode = "L" if all(img.mode in ("L", "1", "I;16", "I") for img in decoded) else "RGB"
+    if channels not in (None, 1, 3):
+        raise DatasetError(f"{root}: images convert to 1 (grey) or 3 (RGB) channels, not {channels}")
+    grey = all(img.mode in ("L", "1", "I;16", "I") for img in decoded) if channels is None else channels == 1
+    mode = "L" if grey else "RGB"
     side = size or max(decoded[0].size)
     arrays = [np.asarray(img.convert(mode).resize((side, side), Image.BILINEAR), dtype=np.uint8) for img in decoded]
     images = np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])
@@ -213,11 +218,13 @@ def holdout_split(data: ImageDataset, holdout: int, seed: int = SPLIT_SEED) -> t
     return data.subset(np.sort(order[holdout:])), data.subset(np.sort(order[:holdout]))
 
 
-def load_splits(name: str, data_dir: str | Path | None = None, image_size: int | None = None) -> DataSplits:
+def load_splits(name: str, data_dir: str | Path | None = None, image_size: int | None = None,
+                channels: int | None = None) -> DataSplits:
     """Load a dataset by name into train / held-out / test.
 
     ``image-folder`` expects ``data_dir/train/<class>/`` and ``data_dir/test/<class>/``;
-    its held-out set is 10% of train.
+    its held-out set is 10% of train (seeded, :func:`holdout_split`), its images are resized
+    to ``image_size`` and converted to ``channels``. The other datasets have fixed sizes.
     """
     if name == "fashion-mnist":
         root = Path(data_dir) if data_dir else FASHION_MNIST_DIR
@@ -228,15 +235,16 @@ def load_splits(name: str, data_dir: str | Path | None = None, image_size: int |
         full, test = load_fashion_mnist_split(root, True), load_fashion_mnist_split(root, False)
     elif name in ("cifar10", "cifar100"):
         if data_dir is None:
-            raise DatasetError(f"{name} needs --data-dir (the folder with the python pickle batches)")
+            raise DatasetError(f"{name} needs its folder (the python pickle batches): --data {name}:PATH or --data-dir")
         classes = 10 if name == "cifar10" else 100
         full, test = load_cifar_split(Path(data_dir), classes, True), load_cifar_split(Path(data_dir), classes, False)
     elif name == "image-folder":
         if data_dir is None:
-            raise DatasetError("image-folder needs --data-dir with train/ and test/ class folders")
+            raise DatasetError("image-folder needs its folder, with train/ and test/ class folders: "
+                               "--data image-folder:PATH or --data-dir")
         root = Path(data_dir)
-        full = load_image_folder(root / "train", image_size)
-        test = load_image_folder(root / "test", full.size)
+        full = load_image_folder(root / "train", image_size, channels)
+        test = load_image_folder(root / "test", full.size, full.channels)
         if test.classes != full.classes:
             raise DatasetError(f"{root}: train and test have different class folders")
     else:
@@ -244,3 +252,43 @@ def load_splits(name: str, data_dir: str | Path | None = None, image_size: int |
     holdout = HOLDOUT_SIZE.get(name, max(1, len(full) // 10))
     train, held = holdout_split(full, holdout)
     return DataSplits(name, train.named("train"), held.named("holdout"), test.named("test"))
+
+
+# ----------------------------------------------------------------------------- naming a dataset
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A dataset as the command line names it (``--data``): ``fashion-mnist``,
+    ``cifar10:PATH``, ``cifar100:PATH``, ``image-folder:PATH``; a path after the name is the
+    dataset's folder (``--data-dir`` of the older options)."""
+
+    name: str
+    root: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> DataSource:
+        name, colon, root = text.partition(":")
+        if name not in DATASETS or (colon and not root):
+            raise DatasetError(f"unknown dataset {text!r}: expected fashion-mnist[:PATH], cifar10:PATH, "
+                               "cifar100:PATH or image-folder:PATH")
+        return cls(name, root or None)
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.root}" if self.root else self.name
+
+    def load(self, image_size: int | None = None, channels: int | None = None) -> DataSplits:
+        return load_splits(self.name, self.root, image_size, channels)
+
+
+def resolve_data(data: str | None, data_dir: str | Path | None, default: str | None = None) -> DataSource | None:
+    """The dataset ``--data`` names (else ``default``, a dataset's bare name), its folder from
+    the name's path or ``data_dir``; a folder given both ways must be the same one."""
+    source = DataSource.parse(data) if data else DataSource(default) if default else None
+    if source is None and data_dir is not None:
+        raise DatasetError(f"--data-dir {data_dir}: which dataset is it? Name it with --data")
+    if source is None or data_dir is None:
+        return source
+    if source.root is not None and Path(source.root).resolve() != Path(data_dir).resolve():
+        raise DatasetError(f"conflicting dataset folders: --data says {source.root}, --data-dir says {data_dir}")
+    return DataSource(source.name, str(data_dir))

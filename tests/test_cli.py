@@ -67,8 +67,10 @@ def test_models_lists_what_the_registry_holds(capsys: pytest.CaptureFixture[str]
     from exitserve.models.registry import list_models
 
     assert cli.main(["models"]) == 0
-    listed = capsys.readouterr().out.split()
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    listed = [row[0] for row in rows]
     assert listed == list_models() and {"msdnet_fmnist", "espnetv2_fmnist", "googlenet_fmnist"} <= set(listed)
+    assert all(len(row) == 2 and row[1] == "built-in" for row in rows), rows  # where each comes from
 
 
 MISTAKES = {  # what a user gets wrong -> what the one line must name

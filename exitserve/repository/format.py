@@ -72,11 +72,19 @@ class StageSpec(BaseModel):
 
 
 class SourceSpec(BaseModel):
-    checkpoint: str
-    sha256: str
+    """What was exported: a checkpoint of a registered family (``kind`` ``checkpoint``,
+    ``model`` its registered name), a user's factory (``factory``, ``model`` its
+    ``package.module:function``, ``config`` its arguments, ``checkpoint`` the weights file
+    loaded into it, if any) or a model object handed to ``exitserve.export_model``
+    (``object``, ``model`` its class). ``dataset``: the parity images' dataset, and the one
+    ``exitserve calibrate`` uses unless given another; none when the export had none."""
+
+    kind: Literal["checkpoint", "factory", "object"] = "checkpoint"
+    checkpoint: str | None = None  # the file the weights came from
+    sha256: str | None = None
     model: str
-    config: dict
-    dataset: str
+    config: dict = Field(default_factory=dict)
+    dataset: str | None = None
 
 
 class Manifest(BaseModel):
