@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 
@@ -43,3 +45,15 @@ def random_erasing(batch: torch.Tensor, probability: float, generator: torch.Gen
     chosen = torch.rand(n, generator=generator) < probability
     mask = inside_y[:, :, None] & inside_x[:, None, :] & chosen[:, None, None]  # N x H x W
     return batch.masked_fill(mask[:, None], 0.0)
+
+
+def augmented_batches(images: torch.Tensor, order: torch.Tensor, steps: int, batch_size: int, padding: int,
+                      hflip: bool, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Each step's (indices, images randomly cropped and, with ``hflip``, flipped), taken in
+    ``order``: one epoch of a training loop (``exitserve train`` and ``exitserve retrofit``)."""
+    for step in range(steps):
+        idx = order[step * batch_size : (step + 1) * batch_size]
+        batch = random_crop(images[idx], padding, generator)
+        if hflip:
+            batch = random_hflip(batch, generator)
+        yield idx, batch

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from exitserve.models.augment import random_crop, random_hflip
+from exitserve.models.augment import augmented_batches
 from exitserve.models.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -123,12 +123,10 @@ class Retrofitter:
         self.model.heads.train()
         self.model.backbone.eval()  # frozen: batch-norm statistics as its own training left them
         running = 0.0
-        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
-        for step in bar:
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            batch = random_crop(images[idx], padding, gen)
-            if cfg.hflip:
-                batch = random_hflip(batch, gen)
+        batches = augmented_batches(images, order, self.steps_per_epoch, cfg.batch_size, padding, cfg.hflip, gen)
+        bar = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                   leave=False)
+        for step, (idx, batch) in enumerate(bar):
             x = self.prep.normalize(batch)  # N x C x H x W
             with torch.no_grad():
                 features, output = self.model.exit_features(x)

@@ -25,7 +25,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from exitserve.models.augment import random_crop, random_erasing, random_hflip
+from exitserve.models.augment import augmented_batches, random_erasing
 from exitserve.models.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -191,12 +191,10 @@ class Trainer:
         padding = cfg.crop_padding if cfg.crop_padding is not None else self.prep.size // 8
         self.model.train()
         running = 0.0
-        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
-        for step in bar:
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            batch = random_crop(images[idx], padding, gen)
-            if cfg.hflip:
-                batch = random_hflip(batch, gen)
+        batches = augmented_batches(images, order, self.steps_per_epoch, cfg.batch_size, padding, cfg.hflip, gen)
+        bar = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                   leave=False)
+        for step, (idx, batch) in enumerate(bar):
             x = random_erasing(self.prep.normalize(batch), cfg.erasing, gen)  # N x C x H x W
             loss = self.criterion(self.model(x), labels[idx])
             self.optimizer.zero_grad(set_to_none=True)
