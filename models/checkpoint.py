@@ -118,18 +118,24 @@ def _atomic_save(obj: Any, path: Path) -> None:
     tmp.replace(path)
 
 
+def _torch_load(path: Path, what: str, weights_only: bool) -> Any:
+    """``torch.load`` on the CPU, a missing or unreadable file a ``CheckpointError``."""
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as exc:  # torch.load raises many types on garbage
+        kind = "a PyTorch state dict" if weights_only else "a PyTorch checkpoint"
+        raise CheckpointError(f"{path}: not {kind} ({exc})") from exc
+
+
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
     _atomic_save(checkpoint.to_dict(), Path(path))
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch.load raises many types on garbage
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({exc})") from exc
+    raw = _torch_load(path, "checkpoint", weights_only=False)
     try:
         return Checkpoint.from_dict(raw)
     except CheckpointError as exc:
@@ -157,12 +163,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     holding one under ``state_dict``), as a user's own training writes it; loaded with
     ``weights_only`` (no code runs), ``module.`` prefixes dropped."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load raises many types on garbage
-        raise CheckpointError(f"{path}: not a PyTorch state dict ({exc})") from exc
+    raw = _torch_load(path, "weights file", weights_only=True)
     if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
         raw = raw["state_dict"]
     if not isinstance(raw, Mapping) or not all(isinstance(v, torch.Tensor) for v in raw.values()):

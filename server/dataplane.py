@@ -14,6 +14,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -76,7 +77,7 @@ class InferenceResult:
     queue_ms: float  # the longest an image of this request waited in the queue (0 for a whole-batch run)
     inference_ms: float  # the run that carried it, from the loop's side (a whole-batch run: its wall time)
 
-    @property
+    @cached_property
     def results(self) -> list[ExitResult]:
         return [a.result for a in self.images if a.result is not None]
 
@@ -84,7 +85,7 @@ class InferenceResult:
     def failed(self) -> int:
         return sum(a.error is not None for a in self.images)
 
-    @property
+    @cached_property
     def mean_cost_fraction(self) -> float:
         results = self.results
         return float(np.mean([r.cost_fraction for r in results])) if results else 0.0

@@ -9,7 +9,6 @@ cannot multiply memory or starve the loop.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Sequence
 
 import numpy as np

@@ -168,7 +168,7 @@ def _plane(request: Request) -> DataPlane:
 
 # ---------------------------------------------------------------------------- routes
 
-SINGLE_OPTIONS = ("budget", "deadline_ms", "top_k", "thresholds")
+OPTION_NAMES = ("model", "budget", "deadline_ms", "top_k", "thresholds")
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=ERRORS, openapi_extra=SINGLE_BODY,
@@ -191,8 +191,9 @@ async def classify(request: Request) -> Response:
         raise RequestProblem(415, "unsupported_media_type",
                              "send multipart/form-data with a 'file' field, or the image bytes with an image/* type")
     parsing = time.perf_counter()
-    model = parse_model(gather_options(form, request, ("model",)).get("model"))
-    options = parse_options(gather_options(form, request, SINGLE_OPTIONS))
+    raw = gather_options(form, request, OPTION_NAMES)
+    model = parse_model(raw.pop("model", None))
+    options = parse_options(raw)
     context.add_phase("options", time.perf_counter() - parsing)
     result = await _plane(request).infer(InferenceRequest(EncodedImages([data]), options, model, context))
     answered = time.perf_counter()
@@ -220,8 +221,9 @@ async def classify_batch(request: Request) -> Response:
         raise RequestProblem(422, "missing_files", "multipart field 'files' (repeated, one per image) is required")
     if not all(isinstance(u, UploadFile) for u in uploads):
         raise RequestProblem(422, "invalid_request", "every 'files' field must be a file")
-    model = parse_model(gather_options(form, request, ("model",)).get("model"))
-    options = parse_options(gather_options(form, request, SINGLE_OPTIONS), whole_batch=True)
+    raw = gather_options(form, request, OPTION_NAMES)
+    model = parse_model(raw.pop("model", None))
+    options = parse_options(raw, whole_batch=True)
     blobs = [await u.read() for u in uploads]
     result = await _plane(request).infer(InferenceRequest(EncodedImages(blobs), options, model, context,
                                                           bad_images="per_image"))
