@@ -97,20 +97,23 @@ def header_timeout_protocol(timeout_s: float) -> type | str:
                 body = error_body("bad_request", f"{msg.rstrip('.')}: the request is not valid HTTP/1.1")
             finally:
                 request_id_var.reset(token)
-            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                                 + REQUEST_ID_HEADER + b": " + rid.encode() + b"\r\ncontent-length: "
-                                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+            self._write_error(b"400 Bad Request", body, REQUEST_ID_HEADER + b": " + rid.encode() + b"\r\n")
             self.transport.close()
+
+        def _write_error(self, status: bytes, body: bytes, extra_headers: bytes = b"") -> None:
+            """A JSON error written straight to the connection, which then closes (no ASGI
+            cycle exists to answer through)."""
+            self.transport.write(b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                                 + extra_headers + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n"
+                                 + body)
 
         def _headers_too_slow(self) -> None:
             self._header_timer = None
             if self.transport.is_closing():
                 return
             if self.cycle is None or self.cycle.response_complete:  # nothing of ours is being written
-                body = error_body("header_timeout", f"the request headers did not arrive within {timeout_s:g} s")
-                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                                     b"connection: close\r\ncontent-length: " + str(len(body)).encode() +
-                                     b"\r\n\r\n" + body)
+                self._write_error(b"408 Request Timeout", error_body(
+                    "header_timeout", f"the request headers did not arrive within {timeout_s:g} s"))
             self.transport.close()
 
     return HeaderTimeoutProtocol
