@@ -196,6 +196,20 @@ def budget_grid(costs: np.ndarray, points: int = BUDGET_POINTS) -> np.ndarray:
     return np.unique(np.concatenate([np.linspace(costs[0], 1.0, points), costs]))
 
 
+def atc_threshold(scores: np.ndarray, accuracy: float) -> float:
+    """ATC's threshold (Garg et al., "Leveraging Unlabeled Data to Predict Out-of-Distribution
+    Performance", ICLR 2022): the score above which the share of ``scores`` equals
+    ``accuracy``. Live, the share of recent images scoring above it estimates the accuracy
+    without labels; on held-out images it reproduces the held-out accuracy by construction."""
+    ordered = np.sort(np.asarray(scores, dtype=np.float64))
+    n = len(ordered)
+    above = int(round(accuracy * n))
+    if above >= n:
+        return float(ordered[0] - 1.0)  # every image counts as right
+    # strictly above the (n - above)-th smallest: exactly ``above`` images, barring ties
+    return float(ordered[n - above - 1])
+
+
 def budget_curve(table: ExitTable, progress: bool = False) -> tuple[list[BudgetPoint], dict[str, list[Candidate]]]:
     """The best thresholds per budget; also returns each method's own pick per budget."""
     references = reference_candidates(table)
@@ -221,11 +235,12 @@ def budget_curve(table: ExitTable, progress: bool = False) -> tuple[list[BudgetP
             chosen = statics[-1]  # budget 1.0 means the full network, the baseline everything compares to
         previous = chosen
         _, _, fractions = table.evaluate(chosen.thresholds)
+        atc = atc_threshold(table.served_scores(chosen.thresholds), chosen.accuracy) if table.score is not None else None
         curve.append(
             BudgetPoint(
                 budget=float(budget), thresholds=[float(v) for v in chosen.thresholds],
                 method=chosen.method, expected_accuracy=chosen.accuracy, expected_cost=chosen.cost,
-                exit_fractions=[float(f) for f in fractions],
+                exit_fractions=[float(f) for f in fractions], atc_threshold=atc,
             )
         )
     return curve, picks

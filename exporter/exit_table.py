@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from exitserve.repository.confidence import ALWAYS, NEVER, ConfidenceRule, confidence, exits_taken
+from exitserve.repository.confidence import ALWAYS, ESTIMATE_SCORE, NEVER, ConfidenceRule, confidence, exits_taken
 from exitserve.repository.format import Manifest
 from exitserve.repository.runtime import StagedModel
 from exitserve.models.data import ImageDataset
@@ -19,6 +19,7 @@ class ExitTable:
     conf: np.ndarray  # K x N
     correct: np.ndarray  # K x N bool
     costs: np.ndarray  # K cumulative cost fractions
+    score: np.ndarray | None = None  # K x N ``ESTIMATE_SCORE`` of each exit (the accuracy estimate's)
 
     @property
     def num_exits(self) -> int:
@@ -40,6 +41,13 @@ class ExitTable:
         taken = exits_taken(self.conf, thresholds)
         return self.correct[taken, np.arange(self.num_images)]
 
+    def served_scores(self, thresholds: np.ndarray) -> np.ndarray:
+        """N: each image's estimate score at the exit it takes under ``thresholds``."""
+        if self.score is None:
+            raise ValueError("this exit table was built without estimate scores")
+        taken = exits_taken(self.conf, thresholds)
+        return self.score[taken, np.arange(self.num_images)]
+
     def static(self, k: int) -> np.ndarray:
         """Thresholds that send every image to exit ``k``."""
         t = np.full(self.num_exits, NEVER)
@@ -60,6 +68,7 @@ def exit_table(staged: StagedModel, manifest: Manifest, data: ImageDataset, rule
     """Run every image of ``data`` through every stage (none leaves early) and record each exit."""
     conf = np.zeros((manifest.num_exits, len(data)))
     correct = np.zeros((manifest.num_exits, len(data)), dtype=bool)
+    score = np.zeros((manifest.num_exits, len(data)))
     desc = data.split or "exits"
     for start in tqdm(range(0, len(data), batch_size), desc=desc, unit="batch", leave=False):
         stop = start + batch_size
@@ -67,4 +76,5 @@ def exit_table(staged: StagedModel, manifest: Manifest, data: ImageDataset, rule
         for k, _, out in staged.iter_stages(images):
             conf[k, start:stop] = confidence(out.probs, rule)
             correct[k, start:stop] = out.probs.argmax(1) == data.labels[start:stop]
-    return ExitTable(conf, correct, np.asarray(manifest.cost_fractions()))
+            score[k, start:stop] = confidence(out.probs, ESTIMATE_SCORE)
+    return ExitTable(conf, correct, np.asarray(manifest.cost_fractions()), score)

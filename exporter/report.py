@@ -17,6 +17,12 @@ def build_test_report(name: str, calibration: Calibration, picks: dict, test: Ex
         acc, cost, fractions = test.evaluate(np.asarray(thresholds))
         return {"accuracy": acc, "cost": cost, "exit_fractions": fractions.round(4).tolist()}
 
+    def estimated(point) -> float | None:
+        """The label-free estimate (ATC) on the test images: what the server would report."""
+        if point.atc_threshold is None or test.score is None:
+            return None
+        return float((test.served_scores(np.asarray(point.thresholds)) > point.atc_threshold).mean())
+
     curve = []
     for point, ref, search in zip(calibration.curve, picks["reference"], picks["search"]):
         curve.append({
@@ -25,7 +31,7 @@ def build_test_report(name: str, calibration: Calibration, picks: dict, test: Ex
             "thresholds": point.thresholds,
             "expected_accuracy": point.expected_accuracy,
             "expected_cost": point.expected_cost,
-            "test": measured(point.thresholds),
+            "test": measured(point.thresholds) | {"estimated_accuracy": estimated(point)},
             "reference_test": measured(ref.thresholds),
             "search_test": measured(search.thresholds),
         })

@@ -53,6 +53,8 @@ MAIN_PANELS = (
     "Stage latency p50 / p99",
     "Batch size (mean and p90)",
     "Queue depth",
+    "Estimated vs calibrated accuracy",
+    "Exit drift from calibration",
 )
 
 

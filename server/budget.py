@@ -18,6 +18,13 @@ class BudgetDecision:
     requested: float | None  # the budget the request named, else the model's default; None with thresholds
     applied: float | None  # the budget the thresholds (or the batch's schedule) come from
     note: str | None = None  # why ``applied`` differs from ``requested``
+    # the budget the thresholds were looked up with: ``applied``, or for the default budget
+    # what the online controller nudged it to so the measured cost holds ``applied``
+    lookup: float | None = None
+
+    @property
+    def lookup_budget(self) -> float | None:
+        return self.applied if self.lookup is None else self.lookup
 
 
 def decide_budget(model: str, policy: ExitPolicy, options: InferenceOptions,
@@ -34,7 +41,7 @@ def decide_budget(model: str, policy: ExitPolicy, options: InferenceOptions,
         return BudgetDecision("batch_budget", budget, budget), None
     if options.budget is None:
         requested, used = policy.default_budget, policy.effective_budget
-        thresholds = policy.thresholds_for(None)
+        thresholds = policy.thresholds_for(used)
     else:
         requested = options.budget
         used = policy.request_budget(requested, may_lower)
@@ -42,9 +49,9 @@ def decide_budget(model: str, policy: ExitPolicy, options: InferenceOptions,
     if requested < policy.min_budget:
         note = (f"below the cost of {model}'s first exit ({policy.min_budget:.4f}): no image can cost less, so "
                 "that is what was spent")
-        return BudgetDecision("budget", requested, policy.min_budget, note), thresholds
+        return BudgetDecision("budget", requested, policy.min_budget, note, used), thresholds
     cap = policy.objective.budget_cap if policy.objective else None
     if cap is not None and used <= cap < requested:
         note = f"lowered to {used:g} by the {policy.objective.objective_ms:g} ms latency objective under load"
-        return BudgetDecision("budget", requested, used, note), thresholds
-    return BudgetDecision("budget", requested, requested), thresholds
+        return BudgetDecision("budget", requested, used, note, used), thresholds
+    return BudgetDecision("budget", requested, requested, lookup=used), thresholds

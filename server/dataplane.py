@@ -28,9 +28,15 @@ from exitserve.server.feedback import BudgetFeedback
 from exitserve.server.metrics import Metrics
 from exitserve.server.options import InferenceOptions
 from exitserve.server.policy import ExitResult
+from exitserve.server.quality import QualityWatch
 from exitserve.server.request_context import RequestContext
 from exitserve.server.settings import Settings
 from exitserve.server.state import ServerState
+
+
+# what ``expected_accuracy`` is: held-out accuracy measured at calibration, not a live figure
+# (that is ``estimated_accuracy``, server.monitoring)
+EXPECTED_ACCURACY_BASIS = "calibration"
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,7 @@ class InferenceResult:
     decode_ms: float
     queue_ms: float  # the longest an image of this request waited in the queue (0 for a whole-batch run)
     inference_ms: float  # the run that carried it, from the loop's side (a whole-batch run: its wall time)
+    estimated_accuracy: float | None = None  # the label-free estimate over recent images (server.monitoring)
 
     @cached_property
     def results(self) -> list[ExitResult]:
@@ -118,13 +125,14 @@ class InferenceResult:
 
 class DataPlane:
     def __init__(self, settings: Settings, state: ServerState, catalog: ModelCatalog, decoder: ImageDecoder,
-                 feedback: BudgetFeedback, metrics: Metrics) -> None:
+                 feedback: BudgetFeedback, metrics: Metrics, quality: QualityWatch | None = None) -> None:
         self.settings = settings
         self.state = state
         self.catalog = catalog
         self.decoder = decoder
         self.feedback = feedback
         self.metrics = metrics
+        self.quality = quality or QualityWatch(settings, metrics)
 
     # ------------------------------------------------------------------ admission
     def admit_early(self, model: str | None, images: int, arrived: float) -> None:
@@ -172,9 +180,11 @@ class DataPlane:
                 queue_ms = max(o.queue_ms for o in outcomes)
                 inference_ms = max(o.inference_ms for o in outcomes)
             self.feedback.on_answers(model, results, options.default_budget)
+            self.quality.on_answers(model, decision, results, images, context.request_id, good, len(prepared))
             for i, result in zip(good, results, strict=True):
                 answers[i] = ImageAnswer(result=result)
-        return InferenceResult(model, answers, decision, options.top_k, decode_ms, queue_ms, inference_ms)
+        return InferenceResult(model, answers, decision, options.top_k, decode_ms, queue_ms, inference_ms,
+                               self.quality.estimated_accuracy(model.name))
 
     def _check_top_k(self, model: ServedModel, top_k: int) -> None:
         most = min(self.settings.max_top_k, len(model.engine.manifest.labels))

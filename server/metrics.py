@@ -85,6 +85,46 @@ class Metrics:
             "exitserve_expected_accuracy", "Held-out accuracy the calibration expects at the effective budget.",
             ["model"], registry=r, multiprocess_mode="liveall",
         )
+        self.estimated_accuracy = Gauge(
+            "exitserve_estimated_accuracy", "Accuracy estimated without labels (ATC) over the last "
+            "EXITSERVE_MONITOR_WINDOW images.", ["model"], registry=r, multiprocess_mode="liveall",
+        )
+        self.calibrated_accuracy = Gauge(
+            "exitserve_calibrated_accuracy", "What calibration expects for the same window's images (the budgets "
+            "they were answered at): the estimate's baseline.", ["model"], registry=r, multiprocess_mode="liveall",
+        )
+        self.exit_drift = Gauge(
+            "exitserve_exit_drift", "Jensen-Shannon divergence (base 2) of the window's exit shares from those "
+            "calibration predicts at the thresholds in force.", ["model"], registry=r, multiprocess_mode="liveall",
+        )
+        self.shadow_agreement = Gauge(
+            "exitserve_shadow_agreement", "Share of shadowed images whose served class equals full depth's.",
+            ["model"], registry=r, multiprocess_mode="liveall",
+        )
+        self.labelled_accuracy = Gauge(
+            "exitserve_labelled_accuracy", "Accuracy over the last EXITSERVE_MONITOR_WINDOW images labelled "
+            "through POST /v1/models/{name}/labels.", ["model"], registry=r, multiprocess_mode="liveall",
+        )
+        self.shadow_images = Counter("exitserve_shadow_images_total", "Sampled answers compared with full depth (run again, "
+                                     "or free when answered at the last exit).",
+                                     ["model"], registry=r)
+        self.shadow_cost = Counter(
+            "exitserve_shadow_cost_fraction_total", "Cost of the shadow runs in full-network units; divide by "
+            "exitserve_cost_fraction_total for their share of the compute.", ["model"], registry=r,
+        )
+        self.shadow_skipped = Counter(
+            "exitserve_shadow_skipped_total", "Sampled images not shadowed: cost_cap (over "
+            "EXITSERVE_SHADOW_MAX_COST_SHARE) or queue_full (the model was busy too long).", ["model", "reason"],
+            registry=r,
+        )
+        self.labels = Counter(
+            "exitserve_labels_total", "Delayed labels received, by outcome: correct, wrong, unknown (request id "
+            "never seen), expired (forgotten), invalid.", ["model", "outcome"], registry=r,
+        )
+        self.alert_threshold = Gauge(
+            "exitserve_alert_threshold", "The configured thresholds the model-health alert rules compare with "
+            "(EXITSERVE_ALERT_*).", ["model", "alert"], registry=r, multiprocess_mode="livemax",
+        )
         self.rejected = Counter("exitserve_rejected_total", "Requests refused with 503 (queue full).", ["model"],
                                 registry=r)
 

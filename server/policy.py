@@ -224,12 +224,22 @@ class BudgetController:
             self.effective = float(min(1.0, max(self.floor, adjusted)))
 
 
+def point_index_for_budget(budgets: Sequence[float], budget: float) -> int:
+    """Index of the calibrated point with the largest budget not above ``budget`` (never
+    overspend); below the cheapest point, the cheapest. ``budgets`` ascending (the curve is
+    sorted by budget on load)."""
+    return max(bisect.bisect_right(budgets, budget + BUDGET_EPSILON) - 1, 0)
+
+
 def point_for_budget(calibration: Calibration, budget: float) -> BudgetPoint:
-    """The calibrated point with the largest budget not above ``budget`` (never overspend);
-    below the cheapest point, the cheapest. The curve is sorted by budget on load."""
-    budgets = [p.budget for p in calibration.curve]
-    index = bisect.bisect_right(budgets, budget + BUDGET_EPSILON) - 1
-    return calibration.curve[max(index, 0)]
+    """The calibrated point ``budget`` is served with (``point_index_for_budget``)."""
+    return calibration.curve[point_index_for_budget([p.budget for p in calibration.curve], budget)]
+
+
+def _read_only(values: Sequence[float]) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    array.flags.writeable = False  # shared by every request served at this point
+    return array
 
 
 class ExitPolicy:
@@ -239,6 +249,8 @@ class ExitPolicy:
                  online_budget: bool = True, clock: Clock = time.perf_counter) -> None:
         self.costs = np.asarray(manifest.cost_fractions(), dtype=np.float64)
         self.calibration = calibration
+        self.budgets = [p.budget for p in calibration.curve] if calibration else []  # looked up per request
+        self._thresholds = [_read_only(p.thresholds) for p in calibration.curve] if calibration else []
         self.rule: ConfidenceRule = calibration.rule if calibration else DEFAULT_RULE
         self.default_budget = default_budget
         self.controller = BudgetController(default_budget, self.min_budget) if online_budget else None
@@ -290,12 +302,17 @@ class ExitPolicy:
             budget = self.effective_budget
         if self.calibration is None:  # uncalibrated: full depth is the only honest choice
             return full_depth_thresholds(self.num_exits)
-        return np.asarray(point_for_budget(self.calibration, budget).thresholds, dtype=np.float64)
+        return self._thresholds[point_index_for_budget(self.budgets, budget)]
+
+    def point(self, budget: float) -> BudgetPoint:
+        """The calibrated point ``budget`` is served with (``point_index_for_budget``)."""
+        assert self.calibration is not None
+        return self.calibration.curve[point_index_for_budget(self.budgets, budget)]
 
     def expected_accuracy(self, budget: float) -> float | None:
         if self.calibration is None:
             return None
-        return point_for_budget(self.calibration, budget).expected_accuracy
+        return self.point(budget).expected_accuracy
 
     def explicit_thresholds(self, values: Sequence[float]) -> np.ndarray:
         """A client's own thresholds: exactly one per exit but the last (everyone left

@@ -16,6 +16,7 @@ from exitserve.server.decoder import ImageDecoder
 from exitserve.server.errors import ServingError
 from exitserve.server.feedback import BudgetFeedback
 from exitserve.server.metrics import Metrics
+from exitserve.server.quality import QualityWatch
 from exitserve.server.repository import load_repository, relative_to_repository
 from exitserve.server.settings import DEFAULT_MODEL, Settings
 from exitserve.server.state import ServerState
@@ -39,8 +40,9 @@ class InferenceService:
         self.state = state or ServerState()
         self.catalog = ModelCatalog(self.state)
         self.feedback = BudgetFeedback(metrics)
+        self.quality = QualityWatch(settings, metrics)
         self.plane = DataPlane(settings, self.state, self.catalog, ImageDecoder(settings.max_large_decodes),
-                               self.feedback, metrics)
+                               self.feedback, metrics, self.quality)
 
     @property
     def models(self) -> dict[str, ServedModel]:
@@ -93,6 +95,7 @@ class InferenceService:
         wanted = self.settings.default_model
         self.catalog.serve(models, wanted or (DEFAULT_MODEL if DEFAULT_MODEL in models else sorted(models)[0]))
         self.feedback.start(models)
+        self.quality.start(models)
         self.state.ready = True
         if self.workers:
             self.workers.mark_ready(True)
@@ -103,6 +106,7 @@ class InferenceService:
         still running."""
         self.state.begin_draining()
         await self.feedback.stop()
+        self.quality.stop()
         if self.workers:
             self.workers.mark_ready(False)
         deadline = time.monotonic() + (self.settings.shutdown_timeout_s if timeout_s is None else timeout_s)

@@ -54,6 +54,25 @@ class Settings(BaseSettings):
                                              "name themselves too (by default they keep theirs)")
     online_budget: bool = Field(True, description="nudge thresholds so the measured mean cost holds the budget")
     warmup_batches: int = 2
+
+    monitor_window: int = Field(1000, ge=10, description="recent images the label-free accuracy estimate and the "
+                                "exit drift are computed over (server.monitoring)")
+    monitor_min_images: int = Field(100, ge=1, description="images the window needs before the estimate and the "
+                                    "drift are published")
+    shadow_share: float = Field(0.01, ge=0, le=1, description="share of answered images run again to the last "
+                                "exit, off the request path and only while the model is idle, to measure how often "
+                                "early answers agree with full depth (server.shadow); 0: off")
+    shadow_max_cost_share: float = Field(0.02, ge=0, le=1, description="shadow runs may cost at most this share "
+                                         "of the compute spent on answers; sampled images over it are skipped")
+    shadow_window: int = Field(100, ge=10, description="recent shadowed images the agreement is computed over")
+    label_memory: int = Field(10_000, ge=0, description="recent requests whose answers are kept for delayed "
+                              "labels (POST /v1/models/{name}/labels); 0: off")
+    alert_accuracy_drop: float = Field(0.05, gt=0, le=1, description="an estimated accuracy this far below what "
+                                       "calibration expects counts as a drop (exitserve_alert_threshold, the alert)")
+    alert_exit_drift: float = Field(0.05, gt=0, le=1, description="exit drift (Jensen-Shannon, base 2) above this "
+                                    "counts as drift")
+    alert_shadow_agreement: float = Field(0.95, gt=0, le=1, description="shadow agreement below this counts as "
+                                          "disagreement")
     switch_interval_us: float = Field(1.0, gt=0, le=100_000, description="Python's thread switch interval "
                                       "(sys.setswitchinterval), in microseconds: how long the event loop may keep "
                                       "the GIL once the inference thread, back from a stage, asks for it. Python's "

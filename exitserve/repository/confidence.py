@@ -15,6 +15,11 @@ ConfidenceRule = Literal["max_softmax", "entropy", "margin"]
 RULES: tuple[ConfidenceRule, ...] = get_args(ConfidenceRule)
 DEFAULT_RULE: ConfidenceRule = "max_softmax"
 
+# The score the label-free accuracy estimate (ATC) thresholds: negative entropy, which
+# Garg et al. found more accurate than the top probability, and which here does not
+# saturate at 1.0 the way float32 softmax maxima do.
+ESTIMATE_SCORE: ConfidenceRule = "entropy"
+
 NEVER = 1e9  # a threshold no confidence reaches: never leave at this exit
 ALWAYS = -1e9  # every image leaves (the last exit)
 

@@ -115,6 +115,10 @@ class BudgetPoint(BaseModel):
     expected_accuracy: float
     expected_cost: float
     exit_fractions: list[float]
+    # ATC (Garg et al., ICLR 2022): the held-out share of images whose served exit's
+    # ``ESTIMATE_SCORE`` is above this equals ``expected_accuracy``; live, that share of recent
+    # images estimates the accuracy without labels. None in calibrations made before it existed.
+    atc_threshold: float | None = None
 
 
 class Calibration(BaseModel):

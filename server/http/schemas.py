@@ -59,7 +59,9 @@ class BatchSummary(BaseModel):
     mean_cost_fraction: float
     spent_fraction: float  # of the batch's allowance, budget x images
     exit_histogram: list[int]
-    expected_accuracy: float | None
+    expected_accuracy: float | None  # held-out accuracy at this budget: see expected_accuracy_basis
+    expected_accuracy_basis: str | None = None  # "calibration": measured offline on held-out images
+    estimated_accuracy: float | None = None  # estimated without labels on the recent images (null until enough)
 
 
 class BatchResponse(BaseModel):

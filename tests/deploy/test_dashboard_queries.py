@@ -56,6 +56,22 @@ REQUESTS = IMAGES + 6  # inference requests per round: the singles, 2 batches, 1
 ANSWERED_IMAGES = IMAGES + 4 + V2_IMAGES  # images classified per round (the refused batch's are not)
 RATE_INTERVAL = "5m"  # what $__rate_interval becomes: wide, so the sample before the second round stays inside
 SCRAPE_TIMEOUT_S = 60
+# Model health (issue 25): before the rounds, enough images for the label-free estimate and the
+# exit drift (monitor_min_images, 100 by default) and for the shadow agreement (20 shadowed
+# images), labels for a few of them, so that the Model health row has data. The exit drift
+# counts only images whose exit the thresholds chose: single images, not a batch's (its
+# budget is spread over the batch). Every answered image is sampled for a shadow run here, but
+# shadow runs may cost at most what the answers cost (the cap is 1 at most): at the default
+# budget, 160 images pay for fewer than 20 full-depth runs. So every fourth single image asks
+# for budget 1: it pays for a shadow run of another, and one answered at the last exit is its
+# own shadow (an agreement at no cost).
+HEALTH_SINGLES = 128  # single images, at the default budget or (every fourth) at budget 1
+HEALTH_LABELLED = 16  # of them, labelled afterwards by their answers' X-Request-ID
+HEALTH_BATCH = MAX_QUEUE // 2  # images per /classify/batch, well inside max_queue_images
+HEALTH_BATCHES = 8
+HEALTH_IMAGES = HEALTH_SINGLES + HEALTH_BATCHES * HEALTH_BATCH
+HEALTH_SHADOWED = 20  # the agreement is published from this many shadowed images on
+SHADOW_TIMEOUT_S = 30  # shadow runs happen off the request path, while the model is idle
 
 
 def dashboard_targets() -> list[tuple[str, str]]:
@@ -84,7 +100,11 @@ MODEL_LABELLED = ("exitserve_request_latency_seconds", "exitserve_images_total",
                   "exitserve_deadline_exits_total", "exitserve_cost_fraction_total", "exitserve_stage_latency_seconds",
                   "exitserve_batch_size", "exitserve_queue_images", "exitserve_budget", "exitserve_effective_budget",
                   "exitserve_rejected_total", "exitserve_inference_failures_total", "exitserve_slo_requests_total",
-                  "exitserve_expected_accuracy", "exitserve_latency_objective_seconds")
+                  "exitserve_expected_accuracy", "exitserve_latency_objective_seconds",
+                  "exitserve_estimated_accuracy", "exitserve_calibrated_accuracy", "exitserve_exit_drift",
+                  "exitserve_shadow_agreement", "exitserve_labelled_accuracy", "exitserve_shadow_images_total",
+                  "exitserve_shadow_cost_fraction_total", "exitserve_shadow_skipped_total", "exitserve_labels_total",
+                  "exitserve_alert_threshold")
 
 
 def test_every_selector_filters_on_the_variables() -> None:
@@ -141,6 +161,51 @@ def _traffic(url: str, exits: int) -> dict[str, int]:
     return statuses
 
 
+def _health_traffic(url: str) -> dict:
+    """HEALTH_IMAGES images (singles, then small batches at the default budget), then labels
+    for the first singles (their true classes, by the X-Request-ID of each answer) and for
+    the first batch's images (by index), and one id the server never gave; then a wait until
+    enough images were shadowed. Returns the labels answer."""
+    assert HEALTH_IMAGES >= 150 and HEALTH_SINGLES >= 100 and HEALTH_BATCH < MAX_QUEUE
+    pixels, labels = fashion_images(HEALTH_IMAGES)
+    blobs = [encode(p) for p in pixels]
+    with httpx.Client(base_url=url, timeout=60) as client:
+        request_ids = []
+        for i, blob in enumerate(blobs[:HEALTH_SINGLES]):
+            params = {"budget": 1.0} if i % 4 == 3 else {}
+            answer = client.post("/classify", content=blob, headers={"content-type": "image/png"}, params=params)
+            assert answer.status_code == 200, answer.text
+            request_ids.append(answer.headers["x-request-id"])
+        batch_ids = []
+        for first in range(HEALTH_SINGLES, HEALTH_IMAGES, HEALTH_BATCH):
+            files = [("files", (f"{i}.png", blobs[i], "image/png")) for i in range(first, first + HEALTH_BATCH)]
+            answer = client.post("/classify/batch", files=files)
+            assert answer.status_code == 200, answer.text
+            batch_ids.append(answer.headers["x-request-id"])
+        body = {"labels": [{"request_id": rid, "label": int(labels[i])}
+                           for i, rid in enumerate(request_ids[:HEALTH_LABELLED])]
+                + [{"request_id": batch_ids[0], "label": int(labels[HEALTH_SINGLES + j]), "image": j}
+                   for j in range(HEALTH_BATCH)]
+                + [{"request_id": "never-answered", "label": 0}]}
+        answer = client.post(f"/v1/models/{MODEL}/labels", json=body)
+        assert answer.status_code == 200, answer.text
+        labelled = answer.json()
+        assert labelled["matched"] == HEALTH_LABELLED + HEALTH_BATCH, labelled
+        assert labelled["unknown"] == ["never-answered"], labelled
+        assert labelled["labelled_accuracy"] is not None, labelled
+
+        deadline = time.monotonic() + SHADOW_TIMEOUT_S
+        while True:
+            monitoring = client.get(f"/v1/models/{MODEL}").json()["monitoring"]
+            if (monitoring["shadow"]["images"] or 0) >= HEALTH_SHADOWED:
+                break
+            assert time.monotonic() < deadline, f"fewer than {HEALTH_SHADOWED} images shadowed: {monitoring}"
+            time.sleep(0.2)
+    assert monitoring["estimated_accuracy"] is not None and monitoring["calibrated_accuracy"] is not None, monitoring
+    assert monitoring["exit_drift"] is not None and monitoring["shadow"]["agreement"] is not None, monitoring
+    return labelled
+
+
 def _query(api: str, expr: str) -> dict:
     return httpx.get(f"{api}/api/v1/query", params={"query": expr}, timeout=10).json()
 
@@ -155,13 +220,15 @@ def _scalar(api: str, expr: str) -> tuple[float, float] | None:
     return (float(result[0]["value"][0]), float(result[0]["value"][1])) if result else None
 
 
-def _wait_for_scrapes(api: str, target: str, rounds: int) -> None:
+def _wait_for_scrapes(api: str, target: str, rounds: int, before: tuple[int, int] = (0, 0)) -> None:
     """Poll Prometheus until a scrape of ``target`` holds every request and image of
-    ``rounds`` rounds of traffic, then until one more scrape is in: the server counts a
-    request after sending its answer, so the scrape that first shows the last request may
-    still miss a counter of it; the next one cannot."""
-    wanted = {f'sum(exitserve_requests_total{{job="exitserve", instance="{target}"}})': rounds * REQUESTS,
-              f'sum(exitserve_images_total{{job="exitserve", instance="{target}"}})': rounds * ANSWERED_IMAGES}
+    ``rounds`` rounds of traffic (after ``before``: requests, images served earlier), then
+    until one more scrape is in: the server counts a request after sending its answer, so
+    the scrape that first shows the last request may still miss a counter of it; the next
+    one cannot."""
+    wanted = {f'sum(exitserve_requests_total{{job="exitserve", instance="{target}"}})': before[0] + rounds * REQUESTS,
+              f'sum(exitserve_images_total{{job="exitserve", instance="{target}"}})':
+                  before[1] + rounds * ANSWERED_IMAGES}
     last_scrape = f'timestamp(up{{job="exitserve", instance="{target}"}})'
     deadline = time.monotonic() + SCRAPE_TIMEOUT_S
     seen: dict[str, tuple[float, float] | None] = {}
@@ -182,13 +249,17 @@ def _wait_for_scrapes(api: str, target: str, rounds: int) -> None:
 def test_every_dashboard_query_has_data(served_repository: Path, tmp_path: Path) -> None:
     dashboard = render.load_dashboard()
     exits = len(json.loads((served_repository / MODEL / "manifest.json").read_text())["stages"])
-    # a latency objective far above anything this traffic sees: its series exist, it never acts
-    settings = Settings(model_repository=served_repository, max_queue_images=MAX_QUEUE, latency_slo_ms=60_000)
+    # a latency objective far above anything this traffic sees: its series exist, it never acts;
+    # every answered image sampled for a shadow run, and a cost cap that lets most of them run
+    settings = Settings(model_repository=served_repository, max_queue_images=MAX_QUEUE, latency_slo_ms=60_000,
+                        shadow_share=1.0, shadow_max_cost_share=1.0)
     with live_server(settings) as url:
         target = url.removeprefix("http://")
         # the alert rules are loaded too: Prometheus must evaluate them without error
         with render.prometheus(target, tmp_path, rule_files=[ALERTS]) as api:
             render.wait_for_scrape(api)
+            labelled = _health_traffic(url)
+            before = (HEALTH_SINGLES + HEALTH_BATCHES, HEALTH_IMAGES)
             # two rounds, each scraped in full before going on: the first creates every series,
             # the second moves each of them between two of its samples, which is what rate()
             # (and a ratio of rates, which is NaN without an increase) needs
@@ -196,7 +267,7 @@ def test_every_dashboard_query_has_data(served_repository: Path, tmp_path: Path)
                 statuses = _traffic(url, exits)
                 assert statuses.get("200") == IMAGES + 2 and statuses.get("503") == 1, statuses
                 assert sum(n for s, n in statuses.items() if s.startswith("4")) == 3, statuses
-                _wait_for_scrapes(api, target, round_)
+                _wait_for_scrapes(api, target, round_, before)
             deadline_exits = _scalar(api, f'sum(exitserve_deadline_exits_total{{instance="{target}"}})')
             assert deadline_exits is not None and deadline_exits[1] == ROUNDS * DEADLINED, deadline_exits
 
@@ -242,6 +313,24 @@ def test_every_dashboard_query_has_data(served_repository: Path, tmp_path: Path)
                 [e for t, e in dashboard_targets() if t.startswith("Exit share")][0], selections["chosen"],
                 range_="5m"))
             assert sum(float(s["value"][1]) for s in shares["data"]["result"]) == pytest.approx(1.0)
+
+            # the Model health row: the thresholds drawn are the configured ones, the labelled
+            # accuracy is the one the labels answer gave
+            def health(title: str, index: int = 0) -> list[float]:
+                expr = [e for t, e in dashboard_targets() if t == title][index]
+                return [float(s["value"][1]) for s in _query(api, render.substitute(
+                    expr, selections["All"], rate_interval=RATE_INTERVAL))["data"]["result"]]
+
+            [estimated] = health("Estimated vs calibrated accuracy", 0)
+            [calibrated] = health("Estimated vs calibrated accuracy", 1)
+            assert 0 <= estimated <= 1 and 0 <= calibrated <= 1
+            assert health("Estimated vs calibrated accuracy", 2) == pytest.approx(
+                [calibrated - settings.alert_accuracy_drop])
+            assert health("Estimated vs calibrated accuracy", 3) == pytest.approx([labelled["labelled_accuracy"]])
+            assert health("Exit drift from calibration", 1) == pytest.approx([settings.alert_exit_drift])
+            assert health("Shadow agreement with full depth", 1) == pytest.approx([settings.alert_shadow_agreement])
+            [cost_share] = health("Shadow cost share")
+            assert cost_share > 0  # images answered in the rounds were shadowed too
 
             # every alert expression parses, and the healthy server is not "not ready"
             rules = yaml.safe_load(ALERTS.read_text())

@@ -51,7 +51,9 @@ def test_promtool_alert_unit_tests() -> None:
 
 
 EXPECTED_ALERTS = {"ExitserveHighP99Latency", "ExitserveSustained503s", "ExitserveServerErrors",
-                   "ExitserveCostAboveBudget", "ExitserveNotReady"}
+                   "ExitserveCostAboveBudget", "ExitserveNotReady",
+                   # model health without labels (issue 25)
+                   "ExitserveAccuracyEstimateDrop", "ExitserveExitDrift", "ExitserveShadowDisagreement"}
 
 
 def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:

@@ -8,6 +8,7 @@ from exitserve.cli import main as cli
 from exitserve.exporter.calibrate import (
     GEOMETRIC_RATIOS,
     Candidate,
+    atc_threshold,
     budget_curve,
     calibrate,
     calibrate_repository,
@@ -106,6 +107,27 @@ def test_calibrate_repository_writes_curve_and_report(small_repository: Path, ca
     assert point_for_budget(calibration, 1.0).budget == 1.0
     mid = point_for_budget(calibration, 0.5)
     assert mid.budget <= 0.5 and all(p.budget <= mid.budget or p.budget > 0.5 for p in calibration.curve)
+    # every point carries the label-free estimate's threshold, and the report measures the
+    # estimate on the test images: the same distribution, so within a few points of the truth
+    assert all(p.atc_threshold is not None for p in calibration.curve)
+    for point in report["curve"]:
+        assert abs(point["test"]["estimated_accuracy"] - point["test"]["accuracy"]) < 0.05
+
+
+def test_the_atc_threshold_reproduces_the_accuracy_it_was_fitted_to() -> None:
+    scores = np.random.default_rng(0).uniform(0, 1, 1000)
+    for accuracy in (0.0, 0.123, 0.5, 0.94, 0.999, 1.0):
+        threshold = atc_threshold(scores, accuracy)
+        assert (scores > threshold).mean() == pytest.approx(accuracy, abs=1e-3)
+
+
+def test_every_curve_point_estimates_its_held_out_accuracy_exactly() -> None:
+    table = easy_hard_table(400)
+    table.score = table.conf + np.random.default_rng(1).normal(0, 0.01, table.conf.shape)
+    curve, _ = budget_curve(table)
+    for point in curve:
+        above = table.served_scores(np.asarray(point.thresholds)) > point.atc_threshold
+        assert above.mean() == pytest.approx(point.expected_accuracy, abs=1 / 400)
 
 
 def test_entropy_rule_is_recorded(small_repository: Path, tmp_path: Path) -> None:

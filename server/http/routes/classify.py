@@ -18,7 +18,13 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from exitserve.server.dataplane import DataPlane, EncodedImages, InferenceRequest, InferenceResult
+from exitserve.server.dataplane import (
+    EXPECTED_ACCURACY_BASIS,
+    DataPlane,
+    EncodedImages,
+    InferenceRequest,
+    InferenceResult,
+)
 from exitserve.server.errors import InvalidOptions
 from exitserve.server.http.context import context_of
 from exitserve.server.http.errors import RequestProblem
@@ -241,6 +247,8 @@ async def classify_batch(request: Request) -> Response:
         "budget": result.budget.requested, "mean_cost_fraction": round(result.mean_cost_fraction, 6),
         "spent_fraction": round(result.spent_fraction or 0.0, 6), "exit_histogram": result.exit_histogram,
         "expected_accuracy": result.expected_accuracy,
+        "expected_accuracy_basis": EXPECTED_ACCURACY_BASIS if result.expected_accuracy is not None else None,
+        "estimated_accuracy": None if result.estimated_accuracy is None else round(result.estimated_accuracy, 6),
     }
     body = {"model": result.model.name, "results": items, "summary": summary, "timings_ms": _timings(result, started)}
     return Response(to_json(body), media_type="application/json")  # BatchResponse's shape

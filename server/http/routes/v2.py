@@ -28,7 +28,14 @@ from pydantic import BaseModel, Field
 import exitserve
 from exitserve.server.catalog import ServedModel
 from exitserve.server import dataplane
-from exitserve.server.dataplane import EncodedImages, InferenceResult, Inputs, NormalizedImages, PixelImages
+from exitserve.server.dataplane import (
+    EXPECTED_ACCURACY_BASIS,
+    EncodedImages,
+    InferenceResult,
+    Inputs,
+    NormalizedImages,
+    PixelImages,
+)
 from exitserve.server.engine import ModelEngine
 from exitserve.server.errors import BadImage, InvalidInput, InvalidOptions, NotReady, ServingError, UnknownModel
 from exitserve.server.http.context import context_of
@@ -357,6 +364,9 @@ def answer_parameters(result: InferenceResult) -> dict[str, Parameter]:
         answer["spent_fraction"] = round(result.spent_fraction or 0.0, 6)
         if (expected := result.expected_accuracy) is not None:
             answer["expected_accuracy"] = expected
+            answer["expected_accuracy_basis"] = EXPECTED_ACCURACY_BASIS
+            if result.estimated_accuracy is not None:
+                answer["estimated_accuracy"] = round(result.estimated_accuracy, 6)
     else:
         answer["budget_applied"] = decision.applied
         if decision.note is not None:
