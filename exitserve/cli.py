@@ -129,7 +129,7 @@ DATA_HELP = ("fashion-mnist[:PATH], cifar10:PATH, cifar100:PATH or image-folder:
              "(PATH/train/<class>/*.png, PATH/test/...)")
 
 
-def _add_metadata_flags(p: argparse.ArgumentParser, what: str) -> None:
+def _add_metadata_flags(p: argparse.ArgumentParser, what: str, fit: bool = False) -> None:
     g = p.add_argument_group(
         "the model's input", f"{what}; a value also in the model's exitserve_metadata must agree with it, and size, "
         "channels and labels default to the dataset's (--data). The normalisation is the one the model was "
@@ -140,6 +140,11 @@ def _add_metadata_flags(p: argparse.ArgumentParser, what: str) -> None:
                    help="per channel, of pixels in [0, 1]: 0.286 or 0.485,0.456,0.406")
     g.add_argument("--std", type=_float_list, default=None, help="per channel, as --mean")
     g.add_argument("--labels", type=_label_list, default=None, help="class names, comma-separated, in output order")
+    if not fit:
+        return
+    g.add_argument("--fit", choices=("crop", "squash", "pad"), default=None,
+                   help="how an upload of another shape becomes the model's square: crop (the shorter side to the "
+                        "model's size, then the centre; default), squash, or pad (letterbox)")
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -161,12 +166,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fp16", action="store_true", help="half-precision graphs (for the CUDA provider)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
-    _add_metadata_flags(p, "With --model only (a checkpoint carries its own)")
+    _add_metadata_flags(p, "With --model only (a checkpoint carries its own)", fit=True)
     p.set_defaults(handler=_run_export)
 
 
 METADATA_FLAGS = {"input_size": "--input-size", "channels": "--channels", "mean": "--mean", "std": "--std",
-                  "labels": "--labels"}
+                  "labels": "--labels", "fit": "--fit"}
 
 
 def _run_export(args: argparse.Namespace) -> int:

@@ -274,7 +274,7 @@ def calibration_data(manifest: Manifest, data: str | None = None,
     if source is None:
         raise DatasetError(f"{manifest.name} was exported without a dataset: name the images to calibrate on "
                            "with --data (fashion-mnist, cifar10:PATH, cifar100:PATH, image-folder:PATH)")
-    splits = source.load(manifest.input.size, manifest.input.channels)
+    splits = source.load(manifest.input.size, manifest.input.channels, manifest.input.geometry)
     sample = splits.holdout
     if (sample.size, sample.channels) != (manifest.input.size, manifest.input.channels):
         raise DatasetError(f"{source} has {sample.size} x {sample.size} images with {sample.channels} channels; "

@@ -50,7 +50,8 @@ from exitserve.models.checkpoint import (
 from exitserve.models.cost import ExitCost, exit_costs
 from exitserve.models.data import DataSource, ImageDataset, resolve_data
 from exitserve.models.early_exit import EarlyExitModel, check_stages
-from exitserve.models.metadata import ModelMetadata, ResolvedMetadata
+from exitserve.models.metadata import DEFAULT_FIT, ModelMetadata, ResolvedMetadata
+from exitserve.repository.preprocessing import Geometry
 from exitserve.models.user_code import import_object
 
 FP32_TOLERANCE = 1e-4
@@ -144,6 +145,7 @@ def export_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     labels: Sequence[str] | None = None,
+    fit: str | None = None,
     data: str | None = None,
     data_dir: str | None = None,
     parity_images: int = 512,
@@ -170,10 +172,11 @@ def export_model(
         raise ExportError(f"{type(model).__name__} is not an exitserve.EarlyExitModel (for a plain module with exit "
                           "heads: exitserve.MultiExit(module, exits={...}))")
     given = ModelMetadata(input_size, channels, None if mean is None else tuple(mean),
-                          None if std is None else tuple(std), None if labels is None else tuple(labels), data)
+                          None if std is None else tuple(std), None if labels is None else tuple(labels), data, fit)
     merged = given.merge(ModelMetadata.of(model), "the arguments", f"{type(model).__name__}.exitserve_metadata")
     dataset = resolve_data(merged.dataset, data_dir)
-    test = dataset.load(merged.input_size, merged.channels).test if dataset else None
+    geometry = Geometry(fit=merged.fit or DEFAULT_FIT)
+    test = dataset.load(merged.input_size, merged.channels, geometry).test if dataset else None
     metadata = merged.resolve(test, dataset.name if dataset else None)
     if source is None:
         kind = type(model)
@@ -263,7 +266,8 @@ def _parity_images(metadata: ResolvedMetadata, dataset: DataSource | None, test:
     these whatever the precision): the test split's first ``count``, else seeded random
     pixels, said in the manifest."""
     if dataset is not None:
-        test = test if test is not None else dataset.load(metadata.input_size, metadata.channels).test
+        geometry = Geometry(fit=metadata.fit)  # an image folder is fitted as the server will fit uploads
+        test = test if test is not None else dataset.load(metadata.input_size, metadata.channels, geometry).test
         pixels, said = test.images[:count], f"{dataset.name} test split"
     else:
         rng = np.random.default_rng(RANDOM_PARITY_SEED)
@@ -314,7 +318,7 @@ def _manifest(
         opset=opset,
         precision="fp16" if fp16 else "fp32",
         input=InputSpec(channels=metadata.channels, size=metadata.input_size, mean=metadata.mean, std=metadata.std,
-                        dtype="float16" if fp16 else "float32"),
+                        fit=metadata.fit, dtype="float16" if fp16 else "float32"),
         labels=list(metadata.labels),
         stages=stages,
         source=source,

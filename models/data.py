@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from exitserve.errors import ExitserveError
+from exitserve.repository.preprocessing import Geometry, to_eight_bit
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
@@ -174,10 +175,12 @@ def load_cifar_split(root: Path, num_classes: int, train: bool) -> ImageDataset:
 # ----------------------------------------------------------------------------- image folder
 
 
-def load_image_folder(root: Path, size: int | None = None, channels: int | None = None) -> ImageDataset:
-    """``root/<class>/*.png|jpg``: classes sorted by name, images resized to ``size`` and
-    converted to ``channels`` (1: grey, 3: RGB), as the server converts an upload for the
-    model; without ``channels``, grey when every image is grey, else RGB."""
+def load_image_folder(root: Path, size: int | None = None, channels: int | None = None,
+                      geometry: Geometry | None = None) -> ImageDataset:
+    """``root/<class>/*.png|jpg``: classes sorted by name, images converted to ``channels``
+    (1: grey, 3: RGB; without it, grey when every image is grey, else RGB) and fitted to
+    ``size`` as the server fits an upload for the model (``geometry``, the manifest's;
+    default: resize the shorter side and crop the centre)."""
     from PIL import Image, UnidentifiedImageError
 
     if not root.is_dir():
@@ -199,10 +202,11 @@ def load_image_folder(root: Path, size: int | None = None, channels: int | None 
             raise DatasetError(f"{path}: not a readable image ({exc})") from exc
     if channels not in (None, 1, 3):
         raise DatasetError(f"{root}: images convert to 1 (grey) or 3 (RGB) channels, not {channels}")
-    grey = all(img.mode in ("L", "1", "I;16", "I") for img in decoded) if channels is None else channels == 1
+    grey = all(img.mode in ("L", "1", "I;16", "I", "F") for img in decoded) if channels is None else channels == 1
     mode = "L" if grey else "RGB"
     side = size or max(decoded[0].size)
-    arrays = [np.asarray(img.convert(mode).resize((side, side), Image.BILINEAR), dtype=np.uint8) for img in decoded]
+    geometry = geometry or Geometry()
+    arrays = [np.asarray(geometry.apply(to_eight_bit(img).convert(mode), side), dtype=np.uint8) for img in decoded]
     images = np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])
     return ImageDataset(images, np.array([c for _, c in files], dtype=np.int64), classes)
 
@@ -219,7 +223,7 @@ def holdout_split(data: ImageDataset, holdout: int, seed: int = SPLIT_SEED) -> t
 
 
 def load_splits(name: str, data_dir: str | Path | None = None, image_size: int | None = None,
-                channels: int | None = None) -> DataSplits:
+                channels: int | None = None, geometry: Geometry | None = None) -> DataSplits:
     """Load a dataset by name into train / held-out / test.
 
     ``image-folder`` expects ``data_dir/train/<class>/`` and ``data_dir/test/<class>/``;
@@ -243,8 +247,8 @@ def load_splits(name: str, data_dir: str | Path | None = None, image_size: int |
             raise DatasetError("image-folder needs its folder, with train/ and test/ class folders: "
                                "--data image-folder:PATH or --data-dir")
         root = Path(data_dir)
-        full = load_image_folder(root / "train", image_size, channels)
-        test = load_image_folder(root / "test", full.size, full.channels)
+        full = load_image_folder(root / "train", image_size, channels, geometry)
+        test = load_image_folder(root / "test", full.size, full.channels, geometry)
         if test.classes != full.classes:
             raise DatasetError(f"{root}: train and test have different class folders")
     else:
@@ -277,8 +281,9 @@ class DataSource:
     def __str__(self) -> str:
         return f"{self.name}:{self.root}" if self.root else self.name
 
-    def load(self, image_size: int | None = None, channels: int | None = None) -> DataSplits:
-        return load_splits(self.name, self.root, image_size, channels)
+    def load(self, image_size: int | None = None, channels: int | None = None,
+             geometry: Geometry | None = None) -> DataSplits:
+        return load_splits(self.name, self.root, image_size, channels, geometry)
 
 
 def resolve_data(data: str | None, data_dir: str | Path | None, default: str | None = None) -> DataSource | None:

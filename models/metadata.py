@@ -19,6 +19,8 @@ from typing import Any
 from exitserve.errors import ConfigurationError
 from exitserve.models.data import DataSource, ImageDataset
 
+FITS = ("crop", "squash", "pad")
+DEFAULT_FIT = "crop"
 ATTRIBUTE = "exitserve_metadata"  # the attribute a model (or a plain backbone) carries it in
 
 
@@ -32,6 +34,7 @@ class ModelMetadata:
     std: tuple[float, ...] | None = None
     labels: tuple[str, ...] | None = None  # one name per output of the classifier
     dataset: str | None = None  # as ``--data`` names it: fashion-mnist, cifar10:PATH, image-folder:PATH
+    fit: str | None = None  # how an upload of another shape becomes the square: crop (default), squash, pad
 
     def __post_init__(self) -> None:
         for name in ("mean", "std", "labels"):  # lists from JSON or flags: stored as tuples (hashable, frozen)
@@ -46,6 +49,8 @@ class ModelMetadata:
                 raise ConfigurationError(f"metadata {name} must be a positive integer, got {value!r}")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ConfigurationError(f"metadata std must be positive, got {list(self.std)}")
+        if self.fit is not None and self.fit not in FITS:
+            raise ConfigurationError(f"metadata fit must be one of {', '.join(FITS)}, got {self.fit!r}")
         if self.dataset is not None:
             DataSource.parse(self.dataset)  # a misspelt name fails here, not after the export's work
 
@@ -110,7 +115,7 @@ class ModelMetadata:
             if len(values) != channels:
                 raise ConfigurationError(f"{len(values)} {name} values for {channels} channels")
         return ResolvedMetadata(size, channels, [float(v) for v in self.mean], [float(v) for v in self.std],
-                                [str(v) for v in labels])
+                                [str(v) for v in labels], self.fit or DEFAULT_FIT)
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,10 @@ class ResolvedMetadata:
     mean: list[float]
     std: list[float]
     labels: list[str]
+    # crop: the built-in families' Fashion-MNIST items sit centred on black with a margin, so
+    # the centre square of a 4:3 photo holds the item at the scale the model learnt it;
+    # padding would shrink it and squashing would distort it (BENCHMARKS.md, photos)
+    fit: str = "crop"
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

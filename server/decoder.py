@@ -21,8 +21,9 @@ INLINE_DECODE_BYTES = 32 * 1024
 
 
 class ImageDecoder:
-    def __init__(self, max_large_decodes: int) -> None:
+    def __init__(self, max_large_decodes: int, inline_decode_bytes: int = INLINE_DECODE_BYTES) -> None:
         self._large = asyncio.Semaphore(max_large_decodes)
+        self.inline_decode_bytes = inline_decode_bytes
         self.large_running = 0
         self.large_peak = 0  # the most large conversions seen at once (tests check the bound)
 
@@ -35,7 +36,7 @@ class ImageDecoder:
                     return await asyncio.to_thread(convert)
                 finally:
                     self.large_running -= 1
-        if nbytes > INLINE_DECODE_BYTES:
+        if nbytes > self.inline_decode_bytes:
             return await asyncio.to_thread(convert)
         return convert()
 
@@ -43,7 +44,7 @@ class ImageDecoder:
         """One encoded image -> normalized C x H x W. The header first (refuses bombs and
         images over ``max_pixels`` before decoding), then the pixels. Raises ``BadImage``
         (one of its kinds) for anything that is not a usable image."""
-        img = open_image(data, max_pixels)
+        img = open_image(data, max_pixels, spec)
         pixels = await self._convert(lambda: to_pixels(img, spec), img.width * img.height, len(data))
         return spec.normalize(pixels[None])[0]
 
@@ -61,6 +62,8 @@ class ImageDecoder:
         """Raw uint8 pixels N x H x W x C -> normalized N x C x H x W, under the same pixel
         limit, conversion and normalization as decoded images."""
         _, height, width, _ = pixels.shape
+        if height < 1 or width < 1:
+            raise InvalidInput(f"pixels of {height} x {width} hold no image")
         if height * width > max_pixels:
             raise ImageTooLarge(f"{width}x{height} is over the limit of {max_pixels} pixels")
         converted = await self._convert(lambda: np.stack([array_to_pixels(p, spec) for p in pixels]),

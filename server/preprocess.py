@@ -12,13 +12,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from exitserve.repository.format import InputSpec
+from exitserve.repository.preprocessing import decoded_size_needed, to_eight_bit
 from exitserve.server.errors import CorruptImage, EmptyImage, ImageTooLarge, InvalidInput, NotAnImage
 
 MIN_MODEL_SIDE = 2048
 SIDE_FACTOR = 64
 LARGE_IMAGE_PIXELS = 1_000_000  # decoded off the event loop, a bounded number at once
 PIXEL_CHANNELS = (1, 3, 4)  # raw uint8 pixels: grey, RGB, RGBA (Pillow's L, RGB, RGBA)
-RESAMPLING = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
 def _may_carry_orientation(img) -> bool:
@@ -34,9 +34,13 @@ def model_max_pixels(input_size: int, ceiling: int) -> int:
     return min(ceiling, side * side)
 
 
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Parse the header only: refuse empty, unknown, corrupt and over-limit images before
-    any pixel is decoded (decompression bombs)."""
+def open_image(data: bytes, max_pixels: int, spec: InputSpec | None = None) -> Image.Image:
+    """Parse the header only, and refuse empty, unknown and corrupt images before any pixel
+    is decoded. A JPEG is set to decode at the smallest of its built-in scales (1/2, 1/4,
+    1/8) that still covers what ``spec`` keeps of it (``Image.draft``): a 12-megapixel photo
+    decodes to about 500 x 375 for a 28 x 28 model. The pixel limit then guards what will
+    actually be decoded; any other format is decoded at its full size, so a header that
+    declares more than ``max_pixels`` is refused as it stands (decompression bombs)."""
     if not data:
         raise EmptyImage("the upload is empty")
     try:
@@ -50,27 +54,38 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     width, height = img.size
     if width < 1 or height < 1:
         raise CorruptImage(f"image has no pixels ({width}x{height})")
-    if width * height > max_pixels:
-        raise ImageTooLarge(f"{width}x{height} is over the limit of {max_pixels} pixels")
+    if spec is not None and img.format == "JPEG":
+        try:
+            img.draft(_mode(spec), decoded_size_needed(width, height, spec.size, spec.fit, spec.crop_fraction))
+        except Exception as exc:
+            raise CorruptImage(f"unreadable JPEG ({exc})") from None
+    decoded_width, decoded_height = img.size
+    if decoded_width * decoded_height > max_pixels:
+        decodes = "" if img.size == (width, height) else f" (decoded at {decoded_width}x{decoded_height})"
+        raise ImageTooLarge(f"{width}x{height}{decodes} is over the limit of {max_pixels} pixels")
     return img
+
+
+def _mode(spec: InputSpec) -> str:
+    return "L" if spec.channels == 1 else "RGB"
 
 
 def to_pixels(img: Image.Image, spec: InputSpec) -> np.ndarray:
     """Decode an opened image to uint8 H x W x C at the model's size and channels: EXIF
-    orientation applied, transparency on white, resized with the manifest's filter."""
+    orientation applied, deep images scaled to 8 bits, transparency on white, then fitted as
+    the manifest says (``fit_image``: crop, squash or pad)."""
     try:
         img.load()
         if _may_carry_orientation(img):  # parsing EXIF costs more than decoding a small PNG
             img = ImageOps.exif_transpose(img)
-        mode = "L" if spec.channels == 1 else "RGB"
+        img = to_eight_bit(img)
+        mode = _mode(spec)
         if img.mode in ("RGBA", "LA", "P") and mode == "RGB":
             img = img.convert("RGBA")
             background = Image.new("RGBA", img.size, (255, 255, 255, 255))
             img = Image.alpha_composite(background, img)
         img = img.convert(mode)
-        resample = RESAMPLING.get(spec.resize, Image.BILINEAR)
-        if img.size != (spec.size, spec.size):
-            img = img.resize((spec.size, spec.size), resample)
+        img = spec.geometry.apply(img, spec.size)
         pixels = np.asarray(img, dtype=np.uint8)
     except Image.DecompressionBombError:
         raise ImageTooLarge("the decoded image is over the pixel limit") from None
@@ -82,7 +97,7 @@ def to_pixels(img: Image.Image, spec: InputSpec) -> np.ndarray:
 def decode_image(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
     """Bytes -> uint8 H x W x C at the model's size and channels (``open_image`` then
     ``to_pixels``)."""
-    return to_pixels(open_image(data, max_pixels), spec)
+    return to_pixels(open_image(data, max_pixels, spec), spec)
 
 
 def array_to_pixels(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:

@@ -41,8 +41,8 @@ class InferenceService:
         self.catalog = ModelCatalog(self.state)
         self.feedback = BudgetFeedback(metrics)
         self.quality = QualityWatch(settings, metrics)
-        self.plane = DataPlane(settings, self.state, self.catalog, ImageDecoder(settings.max_large_decodes),
-                               self.feedback, metrics, self.quality)
+        decoder = ImageDecoder(settings.max_large_decodes, settings.inline_decode_bytes)
+        self.plane = DataPlane(settings, self.state, self.catalog, decoder, self.feedback, metrics, self.quality)
 
     @property
     def models(self) -> dict[str, ServedModel]:

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1, description="ceiling on decoded width x height, checked before "
                             "decoding; each model's own limit is derived from its input size, up to this")
     max_large_decodes: int = Field(2, ge=1, description="images over 1 megapixel decoded at once, at most")
+    inline_decode_bytes: int = Field(32 * 1024, ge=0, description="uploads up to this size are decoded on the "
+                                     "event loop (a thread hop costs more than decoding them); larger ones in a "
+                                     "thread, which Pillow lets run beside the loop")
     max_files: int = Field(256, ge=1)
     max_top_k: int = 10
 

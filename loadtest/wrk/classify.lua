@@ -1,11 +1,11 @@
--- wrk script for exitserve: POST raw PNG bodies to /classify, count responses per status.
+-- wrk script for exitserve: POST raw PNG (or JPEG) bodies to /classify, count responses per status.
 --
 --   EXITSERVE_WRK_IMAGES=/path/to/pngs \
 --     wrk -t1 -c64 -d20s --latency -s loadtest/wrk/classify.lua 'http://127.0.0.1:8000/classify?budget=0.3'
 --
 -- The path and query come from wrk's URL (wrk.path keeps the query string). Each thread
--- reads every *.png in $EXITSERVE_WRK_IMAGES at init and cycles through them, each
--- request pre-formatted once. done() prints one line:
+-- reads every *.png (and *.jpg, *.jpeg: sent as image/jpeg) in $EXITSERVE_WRK_IMAGES at
+-- init and cycles through them, each request pre-formatted once. done() prints one line:
 --
 --   STATUS_COUNTS {"status":{"200":1234,"503":56},"requests":1290,"duration_s":20.0,
 --                  "latency_ms":{"p50":..,"p90":..,"p99":..,...},"errors":{...},...}
@@ -27,9 +27,10 @@ counts = {}          -- status code -> responses, read back by done() via thread
 local requests = {}  -- pre-formatted HTTP requests, one per image
 local next_index = 1
 
-local function list_pngs(dir)
+local function list_images(dir)
    local files = {}
-   local pipe = io.popen("find '" .. dir:gsub("'", "'\\''") .. "' -maxdepth 1 -type f -iname '*.png' | sort")
+   local pipe = io.popen("find '" .. dir:gsub("'", "'\\''") .. "' -maxdepth 1 -type f "
+      .. "\\( -iname '*.png' -o -iname '*.jpg' -o -iname '*.jpeg' \\) | sort")
    for line in pipe:lines() do
       table.insert(files, line)
    end
@@ -40,26 +41,29 @@ end
 function init(args)
    local dir = os.getenv("EXITSERVE_WRK_IMAGES")
    if dir == nil or dir == "" then
-      io.stderr:write("classify.lua: set EXITSERVE_WRK_IMAGES to a directory of PNG files\n")
+      io.stderr:write("classify.lua: set EXITSERVE_WRK_IMAGES to a directory of PNG or JPEG files\n")
       os.exit(2)
    end
    local multipart = os.getenv("EXITSERVE_WRK_MULTIPART") == "1"
-   for _, path in ipairs(list_pngs(dir)) do
+   for _, path in ipairs(list_images(dir)) do
+      local png = path:lower():match("%.png$") ~= nil
+      local content_type = png and "image/png" or "image/jpeg"
       local f = assert(io.open(path, "rb"))
       local body = f:read("*a")
       f:close()
       if multipart then
          local boundary = "exitserve-wrk-boundary"
-         local form = "--" .. boundary .. "\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
-            .. "Content-Type: image/png\r\n\r\n" .. body .. "\r\n--" .. boundary .. "--\r\n"
+         local form = "--" .. boundary .. "\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x."
+            .. (png and "png" or "jpg") .. "\"\r\n"
+            .. "Content-Type: " .. content_type .. "\r\n\r\n" .. body .. "\r\n--" .. boundary .. "--\r\n"
          table.insert(requests, wrk.format("POST", wrk.path,
             {["Content-Type"] = "multipart/form-data; boundary=" .. boundary}, form))
       else
-         table.insert(requests, wrk.format("POST", wrk.path, {["Content-Type"] = "image/png"}, body))
+         table.insert(requests, wrk.format("POST", wrk.path, {["Content-Type"] = content_type}, body))
       end
    end
    if #requests == 0 then
-      io.stderr:write("classify.lua: no *.png files in " .. dir .. "\n")
+      io.stderr:write("classify.lua: no *.png, *.jpg or *.jpeg files in " .. dir .. "\n")
       os.exit(2)
    end
    -- threads start at different images

@@ -124,6 +124,7 @@ def test_an_early_exit_model_of_the_users_exports_without_being_registered(proje
     assert (manifest.source.kind, manifest.source.model) == ("factory", "models.exits:two_exit")
     # the metadata it carries (exitserve_metadata) and the dataset's class names
     assert manifest.input.mean == [0.286] and manifest.input.size == 28 and manifest.labels[9] == "Ankle boot"
+    assert manifest.input.fit == "crop"  # the default fit
     assert manifest.source.dataset == "fashion-mnist" and manifest.parity["data"] == "fashion-mnist test split"
     assert "two_exit" not in list_models() and "TwoExitNet" not in list_models()
 
@@ -141,7 +142,7 @@ def test_a_multi_exit_factory_exports_its_weights_and_metadata(project: Path, tm
         torch.save(model.state_dict(), project / "multi.pt")
         # --mean agrees with the model's metadata: fine; --std does not: refused
         assert cli(["export", "--model", "models.exits:multi_exit", "--weights", "multi.pt", "--out", str(out),
-                    "--parity-images", "32", "--mean", "0.286"]) == 0
+                    "--parity-images", "32", "--mean", "0.286", "--fit", "pad"]) == 0
         assert cli(["export", "--model", "models.exits:multi_exit", "--out", str(tmp_path / "x"),
                     "--std", "0.5"]) == 2
         assert "conflicting metadata: std: the arguments say (0.5,), MultiExit.exitserve_metadata say (0.353,)" in \
@@ -152,6 +153,7 @@ def test_a_multi_exit_factory_exports_its_weights_and_metadata(project: Path, tm
     assert "--mean: only with --model" in capsys.readouterr().err
     manifest = load_manifest(out)
     assert [s.exit_name for s in manifest.stages] == ["layer1", "layer2", "fc"]
+    assert manifest.input.fit == "pad"  # how the server fits uploads for it
     assert manifest.source.checkpoint == "multi.pt" and manifest.source.sha256
     images = manifest.input.normalize(fashion_images(16)[0])
     session = ort.InferenceSession(str(out / manifest.full_model), providers=["CPUExecutionProvider"])

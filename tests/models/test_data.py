@@ -178,3 +178,28 @@ def test_real_fashion_mnist_split_sizes() -> None:
     # each split knows its name, and a subset keeps it (the calibrator records it)
     assert [s.split for s in (splits.train, splits.holdout, splits.test)] == ["train", "holdout", "test"]
     assert splits.holdout.subset(np.arange(10)).split == "holdout"
+
+
+def test_an_image_folder_is_fitted_as_the_server_fits_uploads(tmp_path: Path) -> None:
+    """Calibration on a folder of 4:3 photos sees what the server will serve: the same
+    geometry (crop by default, or the manifest's), and 16-bit images scaled, not clipped."""
+    from PIL import Image
+
+    from exitserve.repository.format import InputSpec
+    from exitserve.repository.preprocessing import Geometry
+    from exitserve.server.preprocess import decode_image
+
+    folder = tmp_path / "train" / "thing"
+    folder.mkdir(parents=True)
+    frame = np.zeros((30, 40), np.uint8)
+    frame[:, 5:35] = np.linspace(0, 255, 30, dtype=np.uint8)[None, :]  # a 30 x 30 item in a 4:3 frame
+    Image.fromarray(frame).save(folder / "photo.png")
+    Image.fromarray(frame.astype(np.uint16) * 257).save(folder / "deep.png")
+    for fit in ("crop", "squash", "pad"):
+        spec = InputSpec(channels=1, size=12, mean=[0.5], std=[0.5], fit=fit)
+        data = load_image_folder(tmp_path / "train", size=12, channels=1, geometry=spec.geometry)
+        served = decode_image((folder / "photo.png").read_bytes(), spec, 10**6)
+        assert np.array_equal(data.images[1], served)  # "photo.png" sorts after "deep.png"
+        assert np.abs(data.images[0].astype(int) - served.astype(int)).max() <= 1
+    default = load_image_folder(tmp_path / "train", size=12, channels=1)
+    assert np.array_equal(default.images, load_image_folder(tmp_path / "train", 12, 1, Geometry("crop")).images)

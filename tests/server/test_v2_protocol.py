@@ -307,6 +307,8 @@ def test_bad_datatypes_shapes_and_values_are_400(client, pixels: np.ndarray) -> 
         ([array_input("normalized", "FP32", np.full((1, 1, 28, 28), np.nan, np.float32), True)], "finite"),
         ([array_input("pixels", "UINT8", grey, True), array_input("pixels", "UINT8", grey, True)], "exactly one input"),
         ([array_input("pixels", "UINT8", np.zeros((MAX_IMAGES + 1, 28, 28), np.uint8), True)], f"1 to {MAX_IMAGES}"),
+        ([array_input("pixels", "UINT8", np.zeros((1, 0, 0), np.uint8), False)], "hold no image"),
+        ([array_input("pixels", "UINT8", np.zeros((1, 28, 0, 1), np.uint8), True)], "hold no image"),
     ]
     for inputs, says in cases:
         message = bad_request(client, inputs)
