@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 import exitserve
 from exitserve.server.http.errors import install_error_handlers
+from exitserve.server.http.direct import DirectRoutes
 from exitserve.server.http.middleware import AdmissionGate, BodyLimits, IdentityHeader, RequestMetrics
 from exitserve.server.http.routes import classify, health, models, v2
 from exitserve.server.http.schemas import ErrorResponse
@@ -96,6 +97,7 @@ def create_app(settings: Settings | None = None, workers: WorkerGroup | None = N
         app.include_router(router)
 
     # added innermost first: the request id sees everything, metrics see the 401s, 413s and early refusals
+    app.add_middleware(DirectRoutes, routes={("POST", "/classify"): classify.classify})  # past the router
     app.add_middleware(AdmissionGate, plane=service.plane, state=service.state, retry_after_s=settings.retry_after_s)
     app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
                        state=service.state)

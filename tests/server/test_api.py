@@ -359,7 +359,9 @@ def test_models_health_docs_and_metrics(url: str, images) -> None:
     assert httpx.get(f"{url}/v1/models/zzz").status_code == 404
     assert httpx.get(f"{url}/healthz").json() == {"status": "alive"}
     assert httpx.get(f"{url}/readyz").json()["status"] == "ready"
-    assert "/classify/batch" in httpx.get(f"{url}/openapi.json").json()["paths"]
+    paths = httpx.get(f"{url}/openapi.json").json()["paths"]
+    assert "/classify/batch" in paths and "post" in paths["/classify"]  # documented, though answered directly
+    assert httpx.get(f"{url}/classify").status_code == 405  # the router still answers what is not POST
     assert httpx.get(f"{url}/docs").status_code == 200
     text = httpx.get(f"{url}/metrics").text
     for name in ("exitserve_request_latency_seconds_bucket", "exitserve_images_total", "exitserve_exits_total",
