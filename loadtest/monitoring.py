@@ -68,6 +68,7 @@ from exitserve.loadtest.overload import (
     write_images,
 )
 from exitserve.loadtest.shifts import SHIFTS
+from exitserve.loadtest.slo_bench import scrape
 from exitserve.loadtest.wrk_bench import GUARD_CONCURRENCY, WARMUP_S
 
 ALERTS = ("accuracy_drop", "exit_drift", "shadow_agreement")
@@ -150,24 +151,20 @@ class Record:
 
 def scrape_costs(base_url: str, model: str) -> dict:
     """Served and shadow cost counters (full-network units), shadow images and skips, from /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urlopen(f"{base_url}/metrics", timeout=10) as response:
-        text = response.read().decode()
     out: dict = {"served_cost": 0.0, "shadow_cost": 0.0, "shadow_images": 0.0, "shadow_skipped": {}}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.labels.get("model") != model:
-                continue
-            if s.name == SERVED_COST_METRIC:
-                out["served_cost"] += s.value
-            elif s.name == SHADOW_COST_METRIC:
-                out["shadow_cost"] += s.value
-            elif s.name == "exitserve_shadow_images_total":
-                out["shadow_images"] += s.value
-            elif s.name == "exitserve_shadow_skipped_total":
-                reason = s.labels.get("reason", "")
-                out["shadow_skipped"][reason] = out["shadow_skipped"].get(reason, 0.0) + s.value
+    for (name, labelset), value in scrape(base_url).items():
+        labels = dict(labelset)
+        if labels.get("model") != model:
+            continue
+        if name == SERVED_COST_METRIC:
+            out["served_cost"] += value
+        elif name == SHADOW_COST_METRIC:
+            out["shadow_cost"] += value
+        elif name == "exitserve_shadow_images_total":
+            out["shadow_images"] += value
+        elif name == "exitserve_shadow_skipped_total":
+            reason = labels.get("reason", "")
+            out["shadow_skipped"][reason] = out["shadow_skipped"].get(reason, 0.0) + value
     return out
 
 

@@ -53,9 +53,10 @@ import numpy as np
 from PIL import Image
 
 from exitserve.loadtest import monitoring
+from exitserve.loadtest.soak import rss_mib
 from exitserve.loadtest.overload import (
+    process_tree,
     Server,
-    _descendants,
     measured_wrk,
     port_for,
     require_wrk,
@@ -79,7 +80,6 @@ RSS_GROWTH_TARGET_MB = 100.0  # 4000x3000 JPEGs, 16 in flight: RSS growth under 
 ACCURACY_TARGET_POINTS = 1.0  # upscaled photos within 1 point of the 28x28 originals
 PLAIN_TARGET = 3.0  # 28x28 PNG at C=32: at least 3x the plain server ...
 NOOP_TARGET = 0.25  # ... and 25% of the no-op route
-PAGE = os.sysconf("SC_PAGE_SIZE")
 MB = 1024 * 1024
 
 
@@ -253,14 +253,8 @@ def fit_repository(source: Path, model: str, fit: str, root: Path) -> Path:
 
 
 def tree_rss(pids: list[int]) -> int:
-    """Resident bytes of ``pids`` together (/proc/<pid>/statm)."""
-    total = 0
-    for pid in pids:
-        try:
-            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
+    """Resident bytes of ``pids`` together (the soak harness's per-process reading)."""
+    return round(sum(rss_mib(pid) or 0.0 for pid in pids) * MB)
 
 
 class RssSampler:
@@ -274,11 +268,11 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        pids, refreshed, start = [self.pid, *_descendants(self.pid)], time.monotonic(), time.monotonic()
+        pids, refreshed, start = process_tree(self.pid), time.monotonic(), time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
             if now - refreshed > 2:
-                pids, refreshed = [self.pid, *_descendants(self.pid)], now
+                pids, refreshed = process_tree(self.pid), now
             self.samples.append((round(now - start, 3), tree_rss(pids)))
             self._stop.wait(self.interval)
 

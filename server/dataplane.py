@@ -125,14 +125,14 @@ class InferenceResult:
 
 class DataPlane:
     def __init__(self, settings: Settings, state: ServerState, catalog: ModelCatalog, decoder: ImageDecoder,
-                 feedback: BudgetFeedback, metrics: Metrics, quality: QualityWatch | None = None) -> None:
+                 feedback: BudgetFeedback, metrics: Metrics, quality: QualityWatch) -> None:
         self.settings = settings
         self.state = state
         self.catalog = catalog
         self.decoder = decoder
         self.feedback = feedback
         self.metrics = metrics
-        self.quality = quality or QualityWatch(settings, metrics)
+        self.quality = quality
 
     # ------------------------------------------------------------------ admission
     def admit_early(self, model: str | None, images: int, arrived: float) -> None:
