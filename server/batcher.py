@@ -2,12 +2,14 @@
 
 A batch takes every image queued while the previous batch ran (up to
 ``max_batch_size``), optionally waiting ``max_queue_delay`` for more. Inference runs on
-the model's one worker thread (off the event loop; ONNX Runtime releases the GIL).
+the model's own thread, which takes the next batch itself the moment a run ends: the
+event loop only appends work and receives answers, so the engine does not wait for the
+loop to hand it the next batch (ONNX Runtime releases the GIL while a stage runs).
 
 The queue is bounded in *waiting* images: images already running do not count, and a
 request can be refused before its body is read (``check_admission``), so refusing costs
 almost nothing. A batch that fails fails its own requests (``InferenceFailed``), is
-logged once with their request ids and counted; the loop goes on. ``stalled_for`` tells
+logged once with their request ids and counted; the thread goes on. ``stalled_for`` tells
 the readiness check when work waits and nothing finishes.
 
 Every time here (enqueued, the delay window, the stall watch) comes from one ``clock``,
@@ -20,9 +22,10 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -49,10 +52,20 @@ class Pending:
 
 
 @dataclass
+class Job:
+    """A whole request run as one engine call (the batch endpoint), in turn with the batches."""
+
+    images: int
+    fn: Callable[[], EngineRun]
+    future: asyncio.Future
+    request_id: str | None = None
+
+
+@dataclass
 class BatchOutcome:
     result: ExitResult
     queue_ms: float
-    inference_ms: float  # the batch's run, from the loop's side: the stages and both thread hops
+    inference_ms: float  # from the batch's start until the loop had its answers
     batch_size: int
     stage_ms: dict[int, float] = field(default_factory=dict)  # each stage's wall time in that batch
     finished: float = 0.0  # the batcher's clock when the loop had the batch's answers
@@ -79,14 +92,16 @@ class DynamicBatcher:
         self.on_batch = on_batch
         self.on_failure = on_failure
         self.on_reject = on_reject
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{engine.name}")
-        self.queue: asyncio.Queue[Pending] = asyncio.Queue()
         self.waiting_images = 0  # admitted, not yet running (single images and whole jobs)
         self.running_images = 0
         self.failures = 0
         self.last_progress = clock()  # a batch or job finished, or work arrived to an idle model
-        self._counts = threading.Lock()  # jobs start on the worker thread
-        self._worker: asyncio.Task | None = None
+        self._counts = threading.Lock()  # the engine thread moves work along
+        self._work: deque[Pending | Job] = deque()  # appended by the loop, taken by the engine thread
+        self._wakeup = threading.Condition()  # guards _work and _stopping
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def pending_images(self) -> int:
@@ -94,17 +109,22 @@ class DynamicBatcher:
         return self.waiting_images + self.running_images
 
     def start(self) -> None:
-        self._worker = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.engine.name}")
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._serve, name=f"infer-{self.engine.name}", daemon=True)
+        self._thread.start()
 
     async def stop(self, wait: bool = True) -> None:
-        """Stop the loop; ``wait=False`` abandons a stage still running on the worker."""
-        if self._worker:
-            self._worker.cancel()
-            try:
-                await self._worker
-            except asyncio.CancelledError:
-                pass
-        self.executor.shutdown(wait=wait, cancel_futures=True)
+        """Stop the engine thread; ``wait=False`` abandons a stage still running on it.
+        Work that never ran is cancelled."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify_all()
+            never_ran = list(self._work)
+            self._work.clear()
+        for item in never_ran:
+            item.future.cancel()
+        if wait and self._thread is not None and self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join)
 
     # ------------------------------------------------------------------ admission
     def check_admission(self, images: int) -> None:
@@ -137,45 +157,48 @@ class DynamicBatcher:
 
     def stalled_for(self) -> float:
         """Seconds the model has had work without finishing any (0 when idle or moving);
-        infinite when the loop itself has died."""
-        if self._worker is not None and self._worker.done():
+        infinite when the engine thread itself has died."""
+        if self._thread is not None and not self._thread.is_alive() and not self._stopping:
             return float("inf")
         if self.pending_images == 0:
             return 0.0
         return self.clock() - self.last_progress
 
-    # ------------------------------------------------------------------ work
+    # ------------------------------------------------------------------ the loop's side
     async def submit(self, image: np.ndarray, thresholds: np.ndarray, deadline: float) -> BatchOutcome:
         self._admit(1)
         future = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait(Pending(image, thresholds, deadline, future, self.clock(), current_request_id()))
+        self._enqueue(Pending(image, thresholds, deadline, future, self.clock(), current_request_id()))
         return await future
 
     async def run_job(self, images: int, fn: Callable[[], EngineRun]) -> list[ExitResult]:
-        """Run a whole job (the batch endpoint) on the model's worker thread, in turn."""
+        """Run a whole job (the batch endpoint) on the engine thread, in turn."""
         self._admit(images)
-        started = False
+        future = asyncio.get_running_loop().create_future()
+        self._enqueue(Job(images, fn, future, current_request_id()))
+        return await future
 
-        def job() -> EngineRun:
-            nonlocal started
-            started = True
-            self._move_to_running(images)
-            return fn()
+    def _enqueue(self, item: Pending | Job) -> None:
+        with self._wakeup:
+            self._work.append(item)
+            self._wakeup.notify()
 
-        request_id = current_request_id()
-        try:
-            run = await asyncio.get_running_loop().run_in_executor(self.executor, job)
-        except Exception as exc:
-            self._failed(exc, [request_id])
-            raise InferenceFailed(self._failure_detail(request_id)) from exc
-        finally:
-            self._finish(images, running=started)
-        self._report(images, run)
-        return run.results
+    def _fail(self, futures: list[asyncio.Future], errors: list[InferenceFailed]) -> None:
+        for future, error in zip(futures, errors):
+            if not future.done():
+                future.set_exception(error)
 
-    def _report(self, images: int, run: EngineRun) -> None:
+    def _report(self, images: int, stage_ms: dict[int, float]) -> None:
         if self.on_batch:
-            self.on_batch(self.engine.name, images, run.stage_ms)
+            self.on_batch(self.engine.name, images, stage_ms)
+
+    def _to_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn`` on the event loop (from the engine thread); a closed loop has no one to tell."""
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass
 
     def _failed(self, exc: BaseException, request_ids: list[str | None]) -> None:
         """Log once (with the traceback and every request id involved) and count."""
@@ -184,63 +207,99 @@ class DynamicBatcher:
         log.error("inference failed for %s on %d images (request ids: %s)", self.engine.name, len(request_ids), ids,
                   exc_info=exc)
         if self.on_failure:
-            self.on_failure(self.engine.name)
+            self._to_loop(self.on_failure, self.engine.name)
 
     def _failure_detail(self, request_id: str | None) -> str:
         where = f" (request id {request_id})" if request_id else ""
         return f"{self.engine.name} failed on the batch holding this request; the server log has the cause{where}"
 
-    async def _collect(self) -> list[Pending]:
-        """Everything already queued, then (if ``max_queue_delay`` > 0) what arrives
-        before the first image has waited that long. With delay 0 a lone request runs
-        at once, and under load batches form from what queued during the last run."""
-        batch = [await self.queue.get()]
-        closes = batch[0].enqueued + self.max_delay
-        while len(batch) < self.max_batch_size:
-            if not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-                continue
-            remaining = closes - self.clock()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-            except asyncio.TimeoutError:
-                break
-        return batch
-
-    async def _loop(self) -> None:
+    # ------------------------------------------------------------------ the engine thread
+    def _serve(self) -> None:
         while True:
-            batch = await self._collect()
-            live = [p for p in batch if not p.future.done()]  # the client may have gone
-            if len(batch) > len(live):
-                self._finish(len(batch) - len(live), running=False)
-            if not live:
-                continue
-            self._move_to_running(len(live))
-            try:
-                await self._run(live)
-            except Exception as exc:  # a failed batch fails its own requests, not the server
-                self._failed(exc, [p.request_id for p in live])
-                for p in live:
-                    if not p.future.done():
-                        p.future.set_exception(InferenceFailed(self._failure_detail(p.request_id)))
-            finally:
-                self._finish(len(live))
+            work = self._take()
+            if work is None:
+                return
+            if isinstance(work, Job):
+                self._run_job(work)
+            else:
+                self._run_batch(work)
 
-    async def _run(self, live: list[Pending]) -> None:
+    def _take(self) -> list[Pending] | Job | None:
+        """The next job, or everything already queued (then, if ``max_queue_delay`` > 0,
+        what arrives before the first image has waited that long). With delay 0 a lone
+        request runs at once, and under load batches form from what queued during the
+        last run. None: stopping."""
+        with self._wakeup:
+            while not self._work and not self._stopping:
+                self._wakeup.wait()
+            if self._stopping:
+                return None
+            if isinstance(self._work[0], Job):
+                return self._work.popleft()  # type: ignore[return-value]
+            batch: list[Pending] = []
+            closes = self._work[0].enqueued + self.max_delay
+            while True:
+                while self._work and isinstance(self._work[0], Pending) and len(batch) < self.max_batch_size:
+                    batch.append(self._work.popleft())  # type: ignore[arg-type]
+                if len(batch) >= self.max_batch_size or self._work or self._stopping:
+                    return batch  # full, or a job waits its turn behind it
+                remaining = closes - self.clock()
+                if remaining <= 0:
+                    return batch
+                self._wakeup.wait(remaining)
+
+    def _run_job(self, job: Job) -> None:
+        if job.future.done():  # the client went before its turn
+            self._finish(job.images, running=False)
+            return
+        self._move_to_running(job.images)
+        try:
+            run = job.fn()
+        except Exception as exc:
+            self._finish(job.images)
+            self._failed(exc, [job.request_id])
+            error = InferenceFailed(self._failure_detail(job.request_id))
+            error.__cause__ = exc
+            self._to_loop(self._fail, [job.future], [error])
+            return
+        self._finish(job.images)  # counted before the answer is out: whoever it wakes sees it done
+        self._to_loop(self._job_done, job, run)
+
+    def _job_done(self, job: Job, run: EngineRun) -> None:
+        self._report(job.images, run.stage_ms)
+        if not job.future.done():
+            job.future.set_result(run.results)
+
+    def _run_batch(self, batch: list[Pending]) -> None:
+        live = [p for p in batch if not p.future.done()]  # the client may have gone
+        if len(batch) > len(live):
+            self._finish(len(batch) - len(live), running=False)
+        if not live:
+            return
+        self._move_to_running(len(live))
         started = self.clock()
-        images = np.stack([p.image for p in live])
-        thresholds = np.stack([p.thresholds for p in live])
-        deadlines = np.array([p.deadline for p in live])
-        run = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.engine.run_thresholds, images, thresholds, deadlines)
-        if len(run.results) != len(live):
-            raise RuntimeError(f"the engine answered {len(run.results)} images of {len(live)}")
+        try:
+            images = np.stack([p.image for p in live])
+            thresholds = np.stack([p.thresholds for p in live])
+            deadlines = np.array([p.deadline for p in live])
+            run = self.engine.run_thresholds(images, thresholds, deadlines)
+            if len(run.results) != len(live):
+                raise RuntimeError(f"the engine answered {len(run.results)} images of {len(live)}")
+        except Exception as exc:  # a failed batch fails its own requests, not the server
+            self._finish(len(live))
+            self._failed(exc, [p.request_id for p in live])
+            errors = [InferenceFailed(self._failure_detail(p.request_id)) for p in live]
+            self._to_loop(self._fail, [p.future for p in live], errors)
+            return
+        self._finish(len(live))  # counted before the answers are out: whoever they wake sees the batch done
+        self._to_loop(self._finish_batch, live, run, started)
+
+    def _finish_batch(self, live: list[Pending], run: EngineRun, started: float) -> None:
+        """On the loop: a batch's answers."""
+        self._report(len(live), run.stage_ms)
         finished = self.clock()
-        self._report(len(live), run)
         inference_ms = (finished - started) * 1000
         for p, result in zip(live, run.results):
-            if not p.future.done():
+            if not p.future.done():  # the client may have gone
                 p.future.set_result(BatchOutcome(result, (started - p.enqueued) * 1000, inference_ms, len(live),
                                                  run.stage_ms, finished))

@@ -232,3 +232,35 @@ def test_the_delay_window_is_read_on_the_batchers_clock() -> None:
         await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_the_engine_takes_the_next_batch_without_waiting_for_the_loop() -> None:
+    """The engine thread starts the next batch the moment a run ends, even while the event
+    loop is busy elsewhere: the loop only queues work and receives answers."""
+    first_running, release_first, second_started = threading.Event(), threading.Event(), threading.Event()
+
+    def held(stage: int, rows: np.ndarray) -> bool:
+        if stage == 0 and not first_running.is_set():
+            first_running.set()
+            release_first.wait(10)
+        elif stage == 0:
+            second_started.set()
+        return False
+
+    runtime = SyntheticRuntime(fail_when=held)
+
+    async def scenario() -> None:
+        batcher = batcher_for(runtime, max_queue_delay_ms=0, max_batch_size=1)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(image(), THRESHOLDS, float("inf")))
+        second = asyncio.ensure_future(batcher.submit(image(), THRESHOLDS, float("inf")))
+        await asyncio.sleep(0)
+        assert await asyncio.to_thread(first_running.wait, 10)
+        release_first.set()
+        # the loop is blocked here, not awaiting: only the engine thread can start the second batch
+        assert second_started.wait(10)
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert [stage for stage, _ in runtime.calls].count(0) == 2
