@@ -505,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     base_env: dict[str, str | None] = {"EXITSERVE_DEFAULT_MODEL": args.model} if args.model else {}
     if args.compare == "queue":
         configurations = [
-            (f"max_queue_images={args.queue}", {**base_env, "EXITSERVE_MAX_QUEUE_IMAGES": str(args.queue)}),
+            (f"max_queue_images={args.queue}", {**base_env, "EXITSERVE_MAX_QUEUE_IMAGES": str(args.queue),
+                                                 "EXITSERVE_MAX_FILES": str(min(args.queue, 256))}),
             (f"default queue ({default_queue})", {**base_env, "EXITSERVE_MAX_QUEUE_IMAGES": None}),
         ]
     elif args.compare == "threads":

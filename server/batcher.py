@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from exitserve.server.engine import EngineRun, ModelEngine
-from exitserve.server.errors import InferenceFailed, Overloaded
+from exitserve.server.errors import InferenceFailed, Overloaded, TooManyImages
 from exitserve.server.policy import ExitResult
 from exitserve.server.request_context import current_request_id
 
@@ -128,7 +128,12 @@ class DynamicBatcher:
 
     # ------------------------------------------------------------------ admission
     def check_admission(self, images: int) -> None:
-        """Refuse at once when ``images`` more would not fit among the waiting ones."""
+        """Refuse at once when ``images`` more would not fit among the waiting ones: 503
+        (``Overloaded``) when they would fit an emptier queue, 413 (``TooManyImages``) when
+        they never can."""
+        if images > self.max_queue_images:
+            raise TooManyImages(f"{images} images in one request; {self.engine.name} queues at most "
+                                f"{self.max_queue_images}: send them in requests of at most that many")
         if self.waiting_images + images > self.max_queue_images:
             if self.on_reject:
                 self.on_reject(self.engine.name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from exitserve.repository.format import ServingConfig
+from exitserve.server.admission import AdmissionLine
 from exitserve.server.batcher import DynamicBatcher
 from exitserve.server.engine import ModelEngine
 from exitserve.server.errors import NotReady, UnknownModel
@@ -14,12 +15,14 @@ from exitserve.server.state import ServerState
 
 @dataclass
 class ServedModel:
-    """One model: its engine, its serving.json, and (once serving) its batcher."""
+    """One model: its engine, its serving.json, and (once serving) its batcher and, with a
+    latency objective, its admission line."""
 
     engine: ModelEngine
     serving: ServingConfig
     max_pixels: int  # the largest decoded image it accepts (width x height)
     batcher: DynamicBatcher | None = None
+    line: AdmissionLine | None = None
 
     @property
     def name(self) -> str:

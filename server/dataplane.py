@@ -19,6 +19,7 @@ from typing import Literal
 
 import numpy as np
 
+from exitserve.server.admission import AdmissionLine
 from exitserve.server.batcher import BatchOutcome
 from exitserve.server.budget import BudgetDecision, decide_budget
 from exitserve.server.catalog import ModelCatalog, ServedModel
@@ -135,17 +136,17 @@ class DataPlane:
         self.quality = quality
 
     # ------------------------------------------------------------------ admission
-    def admit_early(self, model: str | None, images: int, arrived: float) -> None:
+    def admit_early(self, model: str | None, images: int) -> AdmissionLine | None:
         """Refuse now, before the request's body is read, when the model it names cannot take
-        ``images`` more: refusing is then cheap. A name the repository does not hold passes:
-        the request is refused with its own error once it is read."""
+        ``images`` more: refusing is then cheap. Returns the model's admission line, which
+        the request must then pass (None: no latency objective, no line). A name the
+        repository does not hold passes: the request is refused with its own error once it
+        is read."""
         if model is not None and model not in self.catalog:
-            return
-        self._admit(self.catalog.get(model), images, arrived)
-
-    def _admit(self, model: ServedModel, images: int, arrived: float) -> None:
-        model.queue.check_admission(images)  # the batcher counts the refusal
-        self.feedback.admit(model, images, arrived, self.state.in_flight)
+            return None
+        served = self.catalog.get(model)
+        served.queue.check_admission(images)  # the batcher counts the refusal
+        return served.line
 
     # ------------------------------------------------------------------ inference
     async def infer(self, request: InferenceRequest) -> InferenceResult:
@@ -220,7 +221,7 @@ class DataPlane:
                         deadline_ms: float | None, context: RequestContext) -> list[BatchOutcome]:
         """Every image through the batcher on its own, with the same thresholds and deadline.
         Admitted together or refused together; when one fails, the others are cancelled."""
-        self._admit(model, len(images), context.arrived)  # again: reading and decoding took time
+        model.queue.check_admission(len(images))  # again: reading and decoding took time
         deadline = context.arrived + deadline_ms / 1000 if deadline_ms else float("inf")
         tasks = [asyncio.ensure_future(self._run_one(model, image, thresholds, deadline, context))
                  for image in images]

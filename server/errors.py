@@ -39,6 +39,12 @@ class Overloaded(ServingError):
     code = "overloaded"
 
 
+class TooManyImages(ServingError):
+    """More images in one request than the model's queue can ever hold: no retry helps."""
+
+    code = "too_many_images"
+
+
 class InvalidOptions(ServingError):
     """Options that cannot be honoured (bad budget, thresholds, top_k, conflicts); the
     code names which (``invalid_budget``, ``conflicting_options``, ...)."""

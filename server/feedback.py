@@ -3,7 +3,7 @@
 Two controllers move a model's default budget: the online controller (the measured mean
 cost of default-budget traffic pulls the thresholds toward the budget) and the latency
 objective (under pressure it caps the budget, stepping down the calibrated curve, and at
-its floor it refuses what would miss the objective). This module feeds both from
+its floor it engages the model's admission line, ``server.admission``). This module feeds both from
 answers, batches and a ticker, and publishes what they decide. The controllers themselves
 (``server.policy``, ``server.slo``) stay pure and clocked.
 """
@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Sequence
 
 from exitserve.server.catalog import ServedModel
 from exitserve.server.engine import ModelEngine
-from exitserve.server.errors import Overloaded
 from exitserve.server.metrics import Metrics
 from exitserve.server.policy import ExitResult
 
@@ -54,20 +52,6 @@ class BudgetFeedback:
         if accuracy is not None:
             self.metrics.expected_accuracy.labels(engine.name).set(accuracy)
 
-    # ------------------------------------------------------------------ admission
-    def admit(self, model: ServedModel, images: int, arrived: float | None, in_flight: int) -> None:
-        """``Overloaded`` when the latency objective is at its floor budget and ``images`` more
-        (the request arrived at ``arrived``, perf_counter) would still miss it."""
-        objective = model.engine.policy.objective
-        if objective is None:
-            return
-        waited_ms = (time.perf_counter() - arrived) * 1000 if arrived is not None else 0.0
-        if not objective.admits(model.queue.waiting_images + images - 1, waited_ms, in_flight):
-            self.metrics.rejected.labels(model.name).inc()
-            self.metrics.slo_shed.labels(model.name).inc()
-            raise Overloaded(f"{model.name} is at its floor budget ({objective.floor_budget:g}) and its queue "
-                             f"would still miss the {objective.objective_ms:g} ms latency objective")
-
     # ------------------------------------------------------------------ answers
     def on_batch(self, model: str, images: int, stage_ms: dict[int, float]) -> None:
         """The batcher's observer: every engine run, single images and whole jobs."""
@@ -93,11 +77,12 @@ class BudgetFeedback:
         if objective is None:
             return
         cap = objective.budget_cap
-        objective.observe_request(latency_ms, model.queue.waiting_images)
+        objective.observe_request(latency_ms, model.queue.waiting_images, model.line is not None and model.line.pressure)
         within = "within" if latency_ms <= objective.objective_ms else "missed"
         self.metrics.slo_requests.labels(model.name, within).inc()
         if objective.budget_cap != cap:
             self.publish_budget(model.engine)
+            self._sync_line(model)
 
     async def _tick(self, models: dict[str, ServedModel]) -> None:
         """Latency objectives act on answers; this lets them act when answers stop coming
@@ -114,6 +99,23 @@ class BudgetFeedback:
                 objective = model.engine.policy.objective
                 cap = objective.budget_cap
                 objective.observe_loop_lag(lag_ms)
-                objective.tick(model.queue.waiting_images)
+                objective.tick(model.queue.waiting_images, model.line is not None and model.line.pressure)
                 if objective.budget_cap != cap:
                     self.publish_budget(model.engine)
+                self._sync_line(model)
+                if model.line is not None:
+                    model.line.adjust(objective.loop_lag_ms)
+                    self.metrics.admission_limit.labels(model.name).set(
+                        model.line.limit if model.line.engaged else -1)
+                    self.metrics.admission_waiting.labels(model.name).set(len(model.line.line))
+
+    @staticmethod
+    def _sync_line(model: ServedModel) -> None:
+        """The admission line limits only while the budget is at its floor."""
+        line, objective = model.line, model.engine.policy.objective
+        if line is None or objective is None:
+            return
+        if objective.at_floor:
+            line.engage()
+        elif line.engaged:
+            line.release()

@@ -78,8 +78,17 @@ class Metrics:
             "latency).", ["model", "outcome"], registry=r,
         )
         self.slo_shed = Counter(
-            "exitserve_slo_shed_total", "Requests refused because even the floor budget could not hold the latency "
-            "objective (also in exitserve_rejected_total).", ["model"], registry=r,
+            "exitserve_slo_shed_total", "Requests refused by the admission line at the floor budget: waited "
+            "EXITSERVE_SLO_MAX_WAIT_MS, or the line was full (also in exitserve_rejected_total).", ["model"],
+            registry=r,
+        )
+        self.admission_limit = Gauge(
+            "exitserve_admission_limit", "Requests the admission line lets inside at once (server.admission; -1: not "
+            "limiting, the budget is above its floor).", ["model"], registry=r, multiprocess_mode="liveall",
+        )
+        self.admission_waiting = Gauge(
+            "exitserve_admission_waiting", "Requests waiting in the admission line, their bodies not yet read.",
+            ["model"], registry=r, multiprocess_mode="liveall",
         )
         self.expected_accuracy = Gauge(
             "exitserve_expected_accuracy", "Held-out accuracy the calibration expects at the effective budget.",

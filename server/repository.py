@@ -11,6 +11,7 @@ from pathlib import Path
 from exitserve.repository.format import (
     SERVING_FILE,
     RepositoryError,
+    ServingConfig,
     load_calibration,
     load_manifest,
     load_serving_config,
@@ -40,6 +41,7 @@ def relative_to_repository(message: str, repository: Path) -> str:
 
 def load_model(folder: Path, settings: Settings) -> ServedModel:
     serving = load_serving_config(folder)
+    _check_queue_holds_a_request(folder.name, serving, settings)
     default_budget = serving.default_budget or settings.default_budget
     engine = ModelEngine.load(
         folder, default_budget=default_budget, provider=settings.provider, io_binding=settings.io_binding,
@@ -64,6 +66,18 @@ def load_model(folder: Path, settings: Settings) -> ServedModel:
     return ServedModel(engine, serving, max_pixels=min(own_limit, settings.max_pixels))
 
 
+def _check_queue_holds_a_request(name: str, serving: ServingConfig, settings: Settings) -> None:
+    """A request may carry ``max_files`` images: the model's queue must be able to hold
+    them, or such a request could never be served, however idle the server."""
+    queue = serving.max_queue_images or settings.max_queue_images
+    if settings.max_files > queue:
+        source = f"{name}/{SERVING_FILE}" if serving.max_queue_images else "EXITSERVE_MAX_QUEUE_IMAGES"
+        raise RepositoryError(
+            f"{name}: a request may carry {settings.max_files} images (EXITSERVE_MAX_FILES) but the queue holds "
+            f"{queue} (from {source}): raise the queue to at least {settings.max_files} or lower "
+            f"EXITSERVE_MAX_FILES to at most {queue}")
+
+
 def _check_default_model(settings: Settings, names: Collection[str]) -> None:
     wanted = settings.default_model
     if wanted and wanted not in names:
@@ -79,7 +93,7 @@ def check_repository(settings: Settings) -> None:
     for folder in find_models(settings.model_repository):
         manifest = load_manifest(folder)
         load_calibration(folder, manifest)
-        load_serving_config(folder)
+        _check_queue_holds_a_request(folder.name, load_serving_config(folder), settings)
         names.add(manifest.name)
     _check_default_model(settings, names)
 

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 
+from exitserve.server.admission import AdmissionLine, default_max_wait_ms
 from exitserve.server.batcher import DynamicBatcher
 from exitserve.server.catalog import ModelCatalog, ServedModel
 from exitserve.server.dataplane import DataPlane
@@ -92,6 +93,12 @@ class InferenceService:
                 on_reject=lambda name: self.metrics.rejected.labels(name).inc(),
             )
             model.batcher.start()
+            objective = model.engine.policy.objective
+            if objective is not None:
+                model.line = AdmissionLine(
+                    objective.objective_ms, model=model.name, max_waiting=self.settings.slo_max_waiting,
+                    on_refuse=self._count_shed,
+                    max_wait_ms=self.settings.slo_max_wait_ms or default_max_wait_ms(objective.objective_ms))
         wanted = self.settings.default_model
         self.catalog.serve(models, wanted or (DEFAULT_MODEL if DEFAULT_MODEL in models else sorted(models)[0]))
         self.feedback.start(models)
@@ -99,6 +106,10 @@ class InferenceService:
         self.state.ready = True
         if self.workers:
             self.workers.mark_ready(True)
+
+    def _count_shed(self, model: str) -> None:
+        self.metrics.rejected.labels(model).inc()
+        self.metrics.slo_shed.labels(model).inc()
 
     async def stop(self, timeout_s: float | None = None) -> None:
         """Let queued work finish for up to ``timeout_s`` (the shutdown timeout; no later than

@@ -53,6 +53,11 @@ class Settings(BaseSettings):
                                          "(server.slo); per model: latency_slo_ms in serving.json")
     slo_floor_budget: float | None = Field(None, gt=0, le=1, description="the lowest budget the objective may "
                                            "step down to; default: the cheapest calibrated point")
+    slo_max_wait_ms: float | None = Field(None, gt=0, le=600_000, description="at the floor budget, a request "
+                                          "waits in the admission line at most this long before it is refused with "
+                                          "503 (server.admission); default: 8 x the objective, at least 200 ms")
+    slo_max_waiting: int = Field(4096, ge=1, description="requests that may wait in the admission line at once "
+                                 "(a memory bound); a newcomer over it is refused at once")
     slo_lowers_request_budgets: bool = Field(False, description="let the objective lower budgets that requests "
                                              "name themselves too (by default they keep theirs)")
     online_budget: bool = Field(True, description="nudge thresholds so the measured mean cost holds the budget")

@@ -18,12 +18,10 @@ the objective for ``hold`` intervals in a row, and no sooner than ``cooldown_s``
 last step down, it steps back up one.
 The band between ``low`` and ``high`` and the cool-down are what keep it from oscillating.
 
-Shedding comes last: ``admits`` refuses a new request only when the ladder is at its floor
-and even there it would miss the objective: by the queue's prediction, by how long it has
-already waited, or by Little's law (requests in the server / answers per second: the mean
-time in the server a new request can expect, held under ``SHED_MEAN`` x the objective since
-the objective is a p99). The last is what bounds the backlog a congested event loop holds,
-which the model's own queue never sees.
+Refusing comes last, and is not decided here: at the floor the objective engages the
+model's admission line (``server.admission``), which limits how many requests are inside
+at once and refuses by how long a request has waited. While requests wait in that line the
+objective does not step back up (``pressure``): the demand it was cut for is still there.
 
 Pure Python (no NumPy, no HTTP): the service feeds it, the policy reads its cap, the
 unit tests drive it with synthetic latency traces and a fake clock.
@@ -49,7 +47,6 @@ class ObjectiveState:
     budget_cap: float | None  # None: no pressure, the configured budget is in force
     step: int  # 0: the configured budget; len(ladder) - 1: the floor
     signal_ms: float | None  # the last signal the controller acted on
-    shedding: bool  # at the floor and refusing what would miss the objective
 
 
 class LatencyObjective:
@@ -59,7 +56,6 @@ class LatencyObjective:
     INTERVAL_S = 0.2
     COOLDOWN_S = 2.0
     SMOOTHING = 0.2  # weight of each new batch in the time-per-image estimate
-    SHED_MEAN = 0.6  # at the floor, refuse when the expected mean time in the server passes this x the objective
 
     def __init__(self, objective_ms: float, ladder: Sequence[float], *, clock: Clock = time.monotonic,
                  interval_s: float = INTERVAL_S, cooldown_s: float = COOLDOWN_S, hold: int = HOLD) -> None:
@@ -86,7 +82,6 @@ class LatencyObjective:
         self.loop_lag_ms = 0.0
         self.within = 0
         self.missed = 0
-        self.answer_rate: float | None = None  # answers per second, recent intervals
         self._lock = threading.Lock()  # batches are observed on the inference thread
 
     # ------------------------------------------------------------------ what it reads
@@ -104,8 +99,7 @@ class LatencyObjective:
         return None if self.step == 0 else self.ladder[self.step]
 
     def state(self) -> ObjectiveState:
-        return ObjectiveState(self.objective_ms, self.floor_budget, self.budget_cap, self.step, self.signal_ms,
-                              not self.admits(0))
+        return ObjectiveState(self.objective_ms, self.floor_budget, self.budget_cap, self.step, self.signal_ms)
 
     # ------------------------------------------------------------------ what it is fed
     def observe_batch(self, images: int, run_ms: float) -> None:
@@ -124,60 +118,42 @@ class LatencyObjective:
         even read, under a backlog the app cannot see."""
         self.loop_lag_ms = max(lag_ms, 0.0)
 
-    def observe_request(self, latency_ms: float, waiting_images: int) -> None:
+    def observe_request(self, latency_ms: float, waiting_images: int, pressure: bool = False) -> None:
         """A request was answered ``latency_ms`` after it arrived; ``waiting_images`` are
-        queued behind it now."""
+        queued behind it now; ``pressure``: requests wait in the admission line."""
         if latency_ms <= self.objective_ms:
             self.within += 1
         else:
             self.missed += 1
         self.window.append(latency_ms)
-        self.tick(waiting_images)
+        self.tick(waiting_images, pressure)
 
-    def tick(self, waiting_images: int) -> None:
-        """Act once per interval (called on every answer; cheap otherwise)."""
+    def tick(self, waiting_images: int, pressure: bool = False) -> None:
+        """Act once per interval (called on every answer; cheap otherwise). ``pressure``:
+        requests wait in the admission line, so the budget may not step back up."""
         now = self.clock()
         if now - self.window_started < self.interval_s:
             return
         window, self.window = self.window, []
-        rate = len(window) / (now - self.window_started)
-        self.answer_rate = rate if self.answer_rate is None else 0.5 * (self.answer_rate + rate)
         self.window_started = now
         observed = _p99(window) if window else 0.0  # from when each request reached the app
         self.signal_ms = max(observed, self._predicted_ms(waiting_images))
-        self._act(self.signal_ms, now)
-
-    def admits(self, waiting_images: int, waited_ms: float = 0.0, in_flight: int = 0) -> bool:
-        """False when the ladder is at its floor and this request would still miss the
-        objective: shedding, the last resort. ``waited_ms``: how long it has already been
-        in the server (when known, it replaces the loop lag in the prediction);
-        ``in_flight``: requests in the server now, this one included."""
-        if not self.at_floor:
-            return True
-        predicted = self._predicted_ms(waiting_images, own_run=True)
-        if waited_ms > 0:
-            predicted += waited_ms - self.loop_lag_ms
-        if predicted > self.objective_ms:
-            return False
-        if in_flight and self.answer_rate:  # Little's law: mean time in the server for a newcomer
-            return 1000 * in_flight / self.answer_rate <= self.SHED_MEAN * self.objective_ms
-        return True
+        self._act(self.signal_ms, now, pressure)
 
     # ------------------------------------------------------------------ inside
-    def _predicted_ms(self, waiting_images: int, own_run: bool = False) -> float:
+    def _predicted_ms(self, waiting_images: int) -> float:
         """A new request's latency: the event loop's lag, the queue ahead of it at the
-        measured time per image, then a batch's run when there is a queue or ``own_run``
-        (0 before anything was measured). For the controller an idle server's prediction
-        is its loop lag alone (the observed p99 says the rest); admission counts the
-        newcomer's own run."""
+        measured time per image, then a batch's run when there is a queue (0 before
+        anything was measured). An idle server's prediction is its loop lag alone (the
+        observed p99 says the rest)."""
         per_image = self.ms_per_image[self.step]
         if per_image is None:
             measured = [m for m in self.ms_per_image if m is not None]
-            per_image = min(measured) if measured else 0.0  # a cheaper step's rate: optimistic, never refuses early
-        own_batch = (self.run_ms or 0.0) if waiting_images or own_run else 0.0
+            per_image = min(measured) if measured else 0.0  # a cheaper step's rate: optimistic
+        own_batch = (self.run_ms or 0.0) if waiting_images else 0.0
         return self.loop_lag_ms + waiting_images * per_image + own_batch
 
-    def _act(self, signal_ms: float, now: float) -> None:
+    def _act(self, signal_ms: float, now: float, pressure: bool = False) -> None:
         high, low = self.HIGH * self.objective_ms, self.LOW * self.objective_ms
         if signal_ms > high:
             self.calm_intervals = 0
@@ -187,7 +163,7 @@ class LatencyObjective:
             if lowered != self.step:
                 self.step = lowered
                 self.last_step_down = now
-        elif signal_ms < low:
+        elif signal_ms < low and not pressure:
             self.calm_intervals += 1
             if self.step > 0 and self.calm_intervals >= self.hold and now - self.last_step_down >= self.cooldown_s:
                 self.step -= 1

@@ -25,6 +25,7 @@ from exitserve.server.errors import (
     NotReady,
     Overloaded,
     ServingError,
+    TooManyImages,
     UnknownModel,
 )
 from exitserve.server.request_context import current_request_id
@@ -33,6 +34,7 @@ from exitserve.server.request_context import current_request_id
 STATUS: list[tuple[type[ServingError], int]] = [
     (NotReady, 503),
     (Overloaded, 503),
+    (TooManyImages, 413),
     (UnknownModel, 404),
     (InvalidOptions, 422),
     (InvalidInput, 422),
@@ -49,6 +51,7 @@ STATUS: list[tuple[type[ServingError], int]] = [
 PROTOCOL_STATUS: list[tuple[type[ServingError], int]] = [
     (NotReady, 503),
     (Overloaded, 503),
+    (TooManyImages, 400),
     (UnknownModel, 404),
     (InvalidOptions, 400),
     (InvalidInput, 400),

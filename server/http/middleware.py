@@ -123,11 +123,19 @@ class BodyLimits:
 
 
 class AdmissionGate:
-    """Refuses an inference request before its body is read when the model it names cannot
-    take it (queue full, or the latency objective shedding at its floor), so a refusal
-    costs almost nothing; and counts the inference requests inside the app, which the
-    objective's admission reads. The data plane decides; this layer only asks it early
-    and sends the refusal in the route's own error format."""
+    """Inference requests pass the model's admission before their body is read:
+
+    * refused at once (503) when the model's queue is full, or 413 when the request can
+      never fit it (the data plane decides);
+    * with a latency objective, through the model's admission line (``server.admission``):
+      a place inside, or a wait, or a 503 once the wait is over.
+
+    A refusal of a small body reads the body first (it is already in the server's buffer),
+    so the connection stays open: a closed one costs the client a reconnect and the server
+    an accept, which under a retrying client is more than the refusal itself. It also counts
+    the inference requests inside the app and sends refusals in the route's own format."""
+
+    KEEP_ALIVE_BODY = 64 * 1024  # refusals read bodies up to this size to keep the connection
 
     def __init__(self, app: ASGIApp, plane: DataPlane, state: ServerState, retry_after_s: int) -> None:
         self.app = app
@@ -143,17 +151,48 @@ class AdmissionGate:
         label, named = route
         with self.state.request():
             try:
-                self.plane.admit_early(named if named is not None else query_model(scope), 1,
-                                       context_of(scope).arrived)
+                line = self.plane.admit_early(named if named is not None else query_model(scope), 1)
+                entered = await line.enter() if line is not None else 0.0
             except ServingError as exc:
-                if label == V2_INFER_ROUTE:
-                    response = protocol_error_of(exc, self.retry_after_s)
-                else:
-                    response = error_response(status_of(exc), exc.code, exc.detail,
-                                              retry_headers(exc, self.retry_after_s))
-                await response(scope, receive, send)
+                await self._refuse(exc, label, scope, receive, send)
                 return
-            await self.app(scope, receive, send)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                if line is not None:
+                    line.leave(entered)
+
+    async def _refuse(self, exc: ServingError, label: str, scope: Scope, receive: Receive, send: Send) -> None:
+        if _announced_length(scope) <= self.KEEP_ALIVE_BODY:
+            await _read_body(receive)
+        if label == V2_INFER_ROUTE:
+            response = protocol_error_of(exc, self.retry_after_s)
+        else:
+            response = error_response(status_of(exc), exc.code, exc.detail, retry_headers(exc, self.retry_after_s))
+        await response(scope, receive, send)
+
+
+def _announced_length(scope: Scope) -> int:
+    """The request's Content-Length; a very large number when it announces none (chunked)."""
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                break
+    return 1 << 62
+
+
+async def _read_body(receive: Receive) -> None:
+    """Read (and drop) the rest of a request's body; a slow or broken one ends it early
+    (the body guards outside say how)."""
+    try:
+        while True:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+    except _BodyRefused:
+        return
 
 
 class RequestMetrics:

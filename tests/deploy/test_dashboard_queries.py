@@ -16,6 +16,7 @@ import httpx
 import pytest
 import yaml
 
+from exitserve.server.batcher import DynamicBatcher
 from exitserve.server.settings import Settings
 from tests.support.images import encode, fashion_images
 from tests.support.live import live_server
@@ -44,7 +45,7 @@ NO_DATA_HERE = {
 MODEL = "msdnet_fmnist"
 IMAGES = 16  # single-image requests per round
 ROUNDS = 2  # the first creates every series, the second moves them: rate() needs a scraped value before
-MAX_QUEUE = 8  # a /classify/batch of more images than this is refused with 503, however idle the server
+MAX_QUEUE = 8  # the model's queue; the test fills it to have a request refused with 503
 V2_IMAGES = 2  # images in the one v2 inference request per round
 # Over by the time the request reaches the engine, on any machine: each such image, sent with
 # thresholds no confidence reaches, leaves after stage 0 because of its deadline (1 ms is not
@@ -131,9 +132,9 @@ def test_substitution_like_grafana() -> None:
 
 
 # ------------------------------------------------------------------ slow: a real Prometheus
-def _traffic(url: str, exits: int) -> dict[str, int]:
+def _traffic(url: str, exits: int, batcher: DynamicBatcher) -> dict[str, int]:
     """Single images at different budgets (a few with a deadline already past), a batch, a
-    v2 request, a refused batch (503) and bad requests (4xx): every counter and histogram the
+    v2 request, a request refused at a full queue (503) and bad requests (4xx): every counter and histogram the
     panels read moves, whatever the machine's speed. Returns the status counts."""
     pixels, _ = fashion_images(IMAGES)
     blobs = [encode(p) for p in pixels]
@@ -152,8 +153,11 @@ def _traffic(url: str, exits: int) -> dict[str, int]:
         v2 = {"inputs": [{"name": "images", "shape": [V2_IMAGES], "datatype": "BYTES",
                           "data": [base64.b64encode(b).decode() for b in blobs[:V2_IMAGES]]}]}
         note(client.post(f"/v2/models/{MODEL}/infer", json=v2))  # the Open Inference Protocol's route
-        files = [("files", (f"{i}.png", b, "image/png")) for i, b in enumerate(blobs[:MAX_QUEUE + 4])]
-        note(client.post("/classify/batch", files=files))
+        batcher.waiting_images += MAX_QUEUE  # the queue full, as under a burst: the next request is refused
+        try:
+            note(client.post("/classify", content=blobs[0], headers={"content-type": "image/png"}))
+        finally:
+            batcher.waiting_images -= MAX_QUEUE
         note(client.post("/classify", content=b"not an image", headers={"content-type": "image/png"}))
         note(client.post("/classify", content=blobs[0], headers={"content-type": "text/plain"}))
         note(client.post("/classify", content=blobs[0], headers={"content-type": "image/png"},
@@ -251,9 +255,12 @@ def test_every_dashboard_query_has_data(served_repository: Path, tmp_path: Path)
     exits = len(json.loads((served_repository / MODEL / "manifest.json").read_text())["stages"])
     # a latency objective far above anything this traffic sees: its series exist, it never acts;
     # every answered image sampled for a shadow run, and a cost cap that lets most of them run
-    settings = Settings(model_repository=served_repository, max_queue_images=MAX_QUEUE, latency_slo_ms=60_000,
+    settings = Settings(model_repository=served_repository, max_queue_images=MAX_QUEUE, max_files=MAX_QUEUE,
+                        latency_slo_ms=60_000,
                         shadow_share=1.0, shadow_max_cost_share=1.0)
-    with live_server(settings) as url:
+    apps: list = []
+    with live_server(settings, apps=apps) as url:
+        batcher = apps[0].state.service.models[MODEL].batcher
         target = url.removeprefix("http://")
         # the alert rules are loaded too: Prometheus must evaluate them without error
         with render.prometheus(target, tmp_path, rule_files=[ALERTS]) as api:
@@ -264,7 +271,7 @@ def test_every_dashboard_query_has_data(served_repository: Path, tmp_path: Path)
             # the second moves each of them between two of its samples, which is what rate()
             # (and a ratio of rates, which is NaN without an increase) needs
             for round_ in range(1, ROUNDS + 1):
-                statuses = _traffic(url, exits)
+                statuses = _traffic(url, exits, batcher)
                 assert statuses.get("200") == IMAGES + 2 and statuses.get("503") == 1, statuses
                 assert sum(n for s, n in statuses.items() if s.startswith("4")) == 3, statuses
                 _wait_for_scrapes(api, target, round_, before)

@@ -59,7 +59,7 @@ def test_slo_bench_rows_and_plot(served_repository: Path, tmp_path: Path) -> Non
     out, plot = tmp_path / "slo.json", tmp_path / "step.png"
     assert slo_bench.main(["--repository", str(served_repository), "--duration", "1", "--step-s", "1",
                            "--capacity-s", "2", "--servers", "plain,objective", "--images", "16", "--port", "0",
-                           "--out", str(out), "--plot", str(plot)]) == 0
+                           "--closed-loop", "8", "--out", str(out), "--plot", str(plot)]) == 0
     report = json.loads(out.read_text())
     assert report["capacity_per_s"] > 0
     rows = report["rows"]
@@ -72,3 +72,13 @@ def test_slo_bench_rows_and_plot(served_repository: Path, tmp_path: Path) -> Non
     assert all(0 < r["effective_budget"] <= 1 and 0 < r["expected_accuracy"] < 1 for r in objective_rows)
     assert plot.stat().st_size > 10_000  # drawn
     assert any(s.get("effective_budget") for s in report["load_step"])
+    assert report["load_step_answered_p99"] and report["step_4x"]["responses"] > 0
+    closed = report["closed_loop"]
+    assert [(r["server"], r["objective_share"]) for r in closed] == [("fixed", None), ("objective", 0.6),
+                                                                      ("objective", 0.8)]
+    p99 = closed[0]["answered_ms"]["p99"]
+    assert [r["objective_ms"] for r in closed[1:]] == [round(0.6 * p99, 1), round(0.8 * p99, 1)]
+    for r in closed:
+        assert r["answered_per_s"] > 0 and r["errors"] == 0 and set(r["status_counts"]) <= {"200", "503"}, r
+    assert closed[0]["vs_no_objective"] == 1.0
+    assert any(line.startswith("- met") or line.startswith("- MISSED") for line in report["targets"])

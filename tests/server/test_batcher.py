@@ -12,7 +12,8 @@ import pytest
 from exitserve.repository.confidence import ALWAYS
 from exitserve.server import batcher as batcher_module
 from exitserve.server.batcher import DynamicBatcher
-from exitserve.server.errors import InferenceFailed, Overloaded
+from exitserve.server.errors import InferenceFailed, Overloaded, TooManyImages
+from exitserve.server.http.errors import status_of
 from exitserve.server.request_context import request_id_var
 from tests.support.clock import FakeClock
 from tests.support.synthetic import SyntheticRuntime, probs_with_confidence, synthetic_engine
@@ -107,7 +108,7 @@ def test_whole_jobs_count_against_the_queue_bound_until_they_run() -> None:
         batcher = batcher_for(max_queue_images=8)
         batcher.start()
         engine = batcher.engine
-        with pytest.raises(Overloaded):
+        with pytest.raises(TooManyImages):  # never fits: not overload
             await batcher.run_job(9, lambda: engine.run_budgeted(engine_images, 0.5))
         started = asyncio.Event()
         release = asyncio.Event()
@@ -264,3 +265,16 @@ def test_the_engine_takes_the_next_batch_without_waiting_for_the_loop() -> None:
 
     asyncio.run(scenario())
     assert [stage for stage, _ in runtime.calls].count(0) == 2
+
+
+def test_a_request_the_queue_can_never_hold_is_not_overload() -> None:
+    """More images than the queue holds: 413 (``TooManyImages``), not a 503 to retry
+    forever; one that fits an emptier queue is overload (503)."""
+    batcher = batcher_for(max_queue_images=8)
+    with pytest.raises(TooManyImages, match="9 images in one request; synthetic queues at most 8"):
+        batcher.check_admission(9)
+    batcher.waiting_images = 4
+    with pytest.raises(Overloaded):
+        batcher.check_admission(5)
+    batcher.check_admission(4)
+    assert status_of(TooManyImages("x")) == 413

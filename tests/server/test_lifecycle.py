@@ -78,7 +78,7 @@ def test_draining_is_not_ready(served_repository: Path) -> None:
 
 
 def test_overloaded_server_answers_503_with_retry_after(served_repository: Path) -> None:
-    settings = Settings(model_repository=served_repository, max_queue_images=1, max_queue_delay_ms=200)
+    settings = Settings(model_repository=served_repository, max_queue_images=1, max_files=1, max_queue_delay_ms=200)
     app = create_app(settings)
     image = encode(load_splits("fashion-mnist").test.images[0])
     with TestClient(app) as client:

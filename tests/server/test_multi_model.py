@@ -164,7 +164,8 @@ def test_per_model_batch_queue_and_pixel_limits(three_family_repository: Path, t
     (tmp_path / "repo" / "msdnet_fmnist" / "serving.json").write_text(
         json.dumps({"max_batch_size": 2, "max_queue_images": 3, "max_pixels": 1000}))
     apps: list = []
-    with live_server(Settings(model_repository=tmp_path / "repo"), apps=apps) as url:
+    # a request may carry no more images than the queue holds (refused at start otherwise)
+    with live_server(Settings(model_repository=tmp_path / "repo", max_files=3), apps=apps) as url:
         batcher = apps[0].state.service.models["msdnet_fmnist"].batcher
         assert (batcher.max_batch_size, batcher.max_queue_images) == (2, 3)
         big = encode(np.zeros((40, 40, 1), np.uint8))  # 1,600 pixels

@@ -217,6 +217,22 @@ def test_refusal_comes_before_the_body_is_read(served) -> None:
     assert b"connection: close" in got.lower() and closed and after < 2  # 5 MB announced, 4 KB sent
 
 
+def test_a_refused_small_body_keeps_its_connection(served) -> None:
+    """A retrying client must not pay a reconnect per refusal (nor the server an accept):
+    a small body is read with the refusal, and the next request rides the same connection."""
+    url, app = served
+    port = int(url.rsplit(":", 1)[1])
+    batcher = app.state.service.models[MODEL].batcher
+    batcher.waiting_images = batcher.max_queue_images  # the queue is full
+    body = b"\x89PNG" * 1000
+    try:
+        got, _, closed = raw_request(port, (post_head("/classify", len(body)) + body) * 2, wait_s=1.5)
+    finally:
+        batcher.waiting_images = 0
+    assert got.count(b"HTTP/1.1 503") == 2 and b"connection: close" not in got.lower()
+    assert not closed
+
+
 def test_refused_bodies_are_not_drained(served) -> None:
     url, _ = served
     port = int(url.rsplit(":", 1)[1])

@@ -21,7 +21,9 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from exitserve.repository.format import RepositoryError
 from exitserve.server.http.app import create_app
+from exitserve.server.repository import check_repository
 from exitserve.server.settings import Settings
 from exitserve.server.slo import LatencyObjective
 from tests.support.images import encode, fashion_images
@@ -81,16 +83,29 @@ def test_max_top_k_bounds_top_k(served_repository: Path, image: bytes) -> None:
 
 
 def test_retry_after_s_is_what_a_503_says(served_repository: Path, image: bytes) -> None:
-    """A queue of one image, a request of two: refused at once, told when to come back."""
-    with serving(settings_for(served_repository, max_queue_images=1, retry_after_s=7)) as client:
-        files = [("files", (f"{i}.png", image, "image/png")) for i in range(2)]
-        batch = client.post("/classify/batch", files=files)
-        assert batch.status_code == 503 and batch.json()["error"] == "overloaded"
-        assert batch.headers["retry-after"] == "7"
-        v2 = client.post(f"/v2/models/{MODEL}/infer", json={"inputs": [
-            {"name": "pixels", "datatype": "UINT8", "shape": [2, 28, 28], "data": [0] * (2 * 28 * 28)}]})
-        assert v2.status_code == 503 and v2.headers["retry-after"] == "7"
-        assert classify(client, image).status_code == 200  # one image fits
+    """The queue full (as under a burst): refused at once, told when to come back."""
+    with serving(settings_for(served_repository, max_queue_images=1, max_files=1, retry_after_s=7)) as client:
+        batcher = client.app.state.service.models[MODEL].batcher
+        batcher.waiting_images = 1
+        try:
+            single = classify(client, image)
+            batch = client.post("/classify/batch", files=[("files", ("0.png", image, "image/png"))])
+            v2 = client.post(f"/v2/models/{MODEL}/infer", json={"inputs": [
+                {"name": "pixels", "datatype": "UINT8", "shape": [1, 28, 28], "data": [0] * (28 * 28)}]})
+        finally:
+            batcher.waiting_images = 0
+        for response in (single, batch, v2):
+            assert response.status_code == 503 and response.headers["retry-after"] == "7"
+        assert batch.json()["error"] == "overloaded"
+        assert classify(client, image).status_code == 200  # room again
+
+
+def test_a_file_limit_the_queue_cannot_hold_is_refused_at_start(served_repository: Path) -> None:
+    """A request of max_files images could never be admitted to a smaller queue, however idle
+    the server: the configuration is refused before serving, naming both settings."""
+    with pytest.raises(RepositoryError, match="EXITSERVE_MAX_FILES.*EXITSERVE_MAX_QUEUE_IMAGES"):
+        check_repository(settings_for(served_repository, max_queue_images=4))
+    check_repository(settings_for(served_repository, max_queue_images=4, max_files=4))
 
 
 def test_protect_health_puts_the_probes_behind_the_keys(served_repository: Path, image: bytes) -> None:

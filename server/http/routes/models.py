@@ -57,7 +57,8 @@ async def list_models(service: Service) -> dict[str, Any]:
             responses={404: {"model": ErrorResponse, "description": "no such model"},
                        503: {"model": ErrorResponse, "description": "models are still loading"}})
 async def model_detail(name: str, service: Service) -> dict[str, Any]:
-    engine = service.catalog.get(name).engine
+    served = service.catalog.get(name)
+    engine = served.engine
     calibration = engine.calibration
     calibration_summary = None
     if calibration is not None:
@@ -77,6 +78,8 @@ async def model_detail(name: str, service: Service) -> dict[str, Any]:
     if objective is not None:
         state = objective.state()
         answered = objective.within + objective.missed
+        admission = served.line
+        line = admission.state() if admission is not None else None
         objective_report = {
             "objective_ms": state.objective_ms,
             "floor_budget": state.floor_budget,
@@ -84,7 +87,14 @@ async def model_detail(name: str, service: Service) -> dict[str, Any]:
             "step": state.step,
             "ladder": objective.ladder,
             "signal_ms": None if state.signal_ms is None else round(state.signal_ms, 3),
-            "shedding": state.shedding,
+            "shedding": bool(line and line.engaged),  # the admission line limits (and may refuse)
+            "admission": None if admission is None or line is None else {
+                "limit": None if not line.engaged else round(line.limit, 1),
+                "inside": line.inside,
+                "waiting": line.waiting,
+                "refused_waiting": admission.refused_waiting,
+                "refused_full": admission.refused_full,
+            },
             "attainment": round(objective.within / answered, 6) if answered else None,
             "answered": answered,
         }
