@@ -11,7 +11,7 @@ concurrency limits, Facebook's adaptive LIFO with CoDel):
   Every interval the p99 time from entering to being answered, plus the event loop's lag
   (the wait before a request even reaches the line), is compared with ``TARGET`` x the
   objective. Above it, the limit shrinks in proportion (a gradient, at most halved per
-  interval). Well below it, while requests had to wait, it grows by a tenth.
+  interval). Below 0.9 of it, while requests had to wait, it grows by a tenth.
 * **Requests over the limit wait in line, before their body is read, newest first.** A
   newcomer takes a free place at once; when a place frees up, the newest waiter gets it.
   Under a closed loop the clients being served keep their pace, and the requests that got
@@ -67,7 +67,7 @@ class _Waiter:
 class AdmissionLine:
     TARGET = 0.85  # the limit aims the p99 time inside at this x the objective (what is left: the wait, the loop)
     STALE = 0.2  # a waiter whose turn comes after this x the objective is refused: it would miss it anyway
-    GROWTH = 1.1  # multiplicative growth per interval while requests waited and latency was well within
+    GROWTH = 1.1  # growth per interval while requests waited and the time was under 0.9 x the target
     MIN_LIMIT = 4
 
     def __init__(self, objective_ms: float, *, max_wait_ms: float, max_waiting: int, model: str,
@@ -129,7 +129,7 @@ class AdmissionLine:
         observed = _p99(times) + loop_lag_ms
         if observed > target:
             self.limit = max(self.MIN_LIMIT, self.limit * max(0.5, target / observed))
-        elif waited and observed < 0.75 * target:
+        elif waited and observed < 0.9 * target:
             self.limit = self.limit * self.GROWTH + 1
         self._wake()
 
