@@ -5,7 +5,7 @@
 #            scripts/build_repository.sh, on the Fashion-MNIST data of Debian's
 #            dataset-fashion-mnist package (Ubuntu does not ship it).
 #   runtime  CUDA 13 + cuDNN 9 (what onnxruntime-gpu links: libcublas/libcudart .so.13,
-#            cuDNN 9) + Python 3.12, `pip install .` with no extras (no torch), /models
+#            cuDNN 9) + Python 3.12, `pip install ".[grpc]"` (serving only, no torch), /models
 #            baked in. `docker run --gpus all -p 8000:8000 IMAGE` serves the three models;
 #            with no GPU visible the server falls back to ONNX Runtime's CPU provider.
 #            Mounting another repository at /models (docker-compose.yml) replaces them.
@@ -51,13 +51,16 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
-# The serving dependencies only: no extras, so no torch. The source is bind-mounted
-# (read-write, writes discarded), so neither it nor models/weights stays in the image.
+# The serving dependencies only, with the gRPC protocol's (the grpc extra): no torch. The
+# source is bind-mounted (read-write, writes discarded), so neither it nor models/weights
+# stays in the image.
 # tests/test_container.py runs this same `pip install` command in a fresh venv.
 WORKDIR /tmp/src
+# DL3013 reads ".[grpc]" as an unpinned package: it is this project, with its own extra
+# hadolint ignore=DL3013
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,target=/tmp/src,rw \
-    pip install .
+    pip install ".[grpc]"
 
 COPY --from=build /models /models
 
@@ -66,7 +69,7 @@ RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin exi
 USER 10001:10001
 WORKDIR /home/exitserve
 
-EXPOSE 8000
+EXPOSE 8000 8081
 # 200 once every model is loaded and warmed; python's urllib (no curl in the image):
 # an HTTP error or a refused connection raises, and the exit status is 1.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \

@@ -286,6 +286,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="folder of model folders (default: model_repository/, built from the default model)")
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
+    p.add_argument("--grpc-port", type=int, default=None,
+                   help="also serve the Open Inference Protocol over gRPC on this port (default EXITSERVE_GRPC_PORT, "
+                        "unset: no gRPC; needs the 'grpc' extra)")
     p.add_argument("--default-budget", type=float, default=None)
     p.add_argument("--workers", type=int, default=None,
                    help="processes on one port (default EXITSERVE_WORKERS, 1); ONNX Runtime threads are split "
@@ -315,13 +318,20 @@ def _run_serve(args: argparse.Namespace) -> int:
     from exitserve.server.http.serving import serve
     from exitserve.server.settings import DEFAULT_MODEL, Settings
 
-    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "default_budget": args.default_budget,
-                                   "model_repository": args.model_repository, "workers": args.workers}.items()
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "grpc_port": args.grpc_port,
+                                   "default_budget": args.default_budget, "model_repository": args.model_repository,
+                                   "workers": args.workers}.items()
                  if v is not None}
     try:  # options and EXITSERVE_* variables
         settings = Settings(**overrides)
     except ValidationError as exc:
         raise ConfigurationError(str(exc)) from None
+    if settings.grpc_port is not None:
+        if args.ray is not None:
+            raise ConfigurationError("--ray serves HTTP only: leave out --grpc-port (and EXITSERVE_GRPC_PORT)")
+        from exitserve.server.grpc import require_grpc  # imports nothing of grpc itself
+
+        require_grpc()  # before exporting or loading anything: one line naming the extra
     if args.model_repository is None:
         _ensure_default_repository(settings.model_repository / DEFAULT_MODEL)
     if args.ray is not None:
@@ -365,7 +375,7 @@ def _run_models(args: argparse.Namespace) -> int:
     return 0
 
 
-EXTRA_OF = {"torch": "train", "onnx": "train", "matplotlib": "train", "ray": "ray"}
+EXTRA_OF = {"torch": "train", "onnx": "train", "matplotlib": "train", "ray": "ray", "grpc": "grpc"}
 
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [

@@ -15,4 +15,4 @@ PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[${EXITSERVE_EXTRAS:-train,test,loadtest,ray}]"
+.venv/bin/python -m pip install -q -e ".[${EXITSERVE_EXTRAS:-train,test,loadtest,ray,grpc}]"

@@ -22,6 +22,8 @@ class Settings(BaseSettings):
     default_model: str | None = None  # default: msdnet_fmnist if present, else the first model
     host: str = "127.0.0.1"
     port: int = 8000
+    grpc_port: int | None = Field(None, ge=1, le=65535, description="also serve the Open Inference Protocol over "
+                                  "gRPC on this port (same host; needs the 'grpc' extra); unset: no gRPC")
 
     default_budget: float = Field(DEFAULT_BUDGET, gt=0, le=1, description="mean cost per image, fraction of full depth")
     provider: Literal["auto", "cuda", "cpu"] = "auto"

@@ -72,7 +72,7 @@ def runtime_install_command() -> list[str]:
     installs = [run_command(a) for k, a in runtime if k == "RUN" and "pip install" in a]
     assert len(installs) == 1, f"expected one `pip install` RUN in the runtime stage, got {installs}"
     argv = [a for a in shlex.split(installs[0]) if a != "--no-cache-dir"]
-    assert argv[:2] == ["pip", "install"] and argv[-1] == ".", argv
+    assert argv[:2] == ["pip", "install"] and argv[-1] == ".[grpc]", argv
     return argv
 
 
@@ -102,11 +102,11 @@ def test_dockerfile_stages_keep_their_contract() -> None:
     runtime = found["runtime"]
     base = runtime[0][1].split()[0]
     assert re.fullmatch(r"nvidia/cuda:13\.\d+\.\d+-cudnn-runtime-ubuntu24\.04", base), base
-    assert "[" not in " ".join(runtime_install_command()), "the runtime install takes no extras"
+    assert runtime_install_command()[-1] == ".[grpc]", "the runtime install takes the serving extra only"
     assert ("COPY", "--from=build /models /models") in runtime
     user = [a for k, a in runtime if k == "USER"]
     assert user and user[-1].split(":")[0] not in ("root", "0")
-    assert ("EXPOSE", "8000") in runtime
+    assert ("EXPOSE", "8000 8081") in runtime  # HTTP, and gRPC when EXITSERVE_GRPC_PORT=8081
     assert any(k == "HEALTHCHECK" and "/readyz" in a for k, a in runtime)
     cmd = [a for k, a in runtime if k == "CMD"]
     assert cmd[-1] == ('["exitserve", "serve", "--model-repository", "/models", "--host", "0.0.0.0", '

@@ -55,6 +55,12 @@ def create_app(settings: Settings | None = None, workers: WorkerGroup | None = N
             log.error("%s", exc.detail)
             raise
         async with AsyncExitStack() as serving:
+            if settings.grpc_port is not None:  # imported only then: grpc is the optional 'grpc' extra
+                from exitserve.server.grpc.server import grpc_listener
+
+                # left before service.stop(): calls in flight finish while the batchers still run
+                await serving.enter_async_context(grpc_listener(service, settings, metrics,
+                                                                shared_port=workers is not None))
 
             async def serve_when_warm() -> None:
                 await service.warm_up_and_serve(loaded)

@@ -82,7 +82,9 @@ class RequestIdMiddleware:
         self.send_header = send_header
 
     @staticmethod
-    def _choose(scope: Scope) -> str:
+    def choose(scope: Scope) -> str:
+        """The client's id when it is a valid one, else a new one (the gRPC layer passes its
+        metadata in a scope's shape)."""
         raw = _header(scope, REQUEST_ID_HEADER)
         if raw is not None:
             try:
@@ -97,7 +99,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = self._choose(scope)
+        rid = self.choose(scope)
         scope[SCOPE_KEY] = RequestContext(request_id=rid)
         header = (REQUEST_ID_HEADER, rid.encode("ascii"))
 
@@ -173,7 +175,9 @@ class ApiKeyAuth:
                 found.append(value.strip())
         return found
 
-    def _authorized(self, scope: Scope) -> bool:
+    def authorized(self, scope: Scope) -> bool:
+        """Whether the request presents a configured key (the gRPC layer passes its metadata
+        in a scope's shape)."""
         ok = False
         # no early exit: every presented value is compared with every key
         for candidate in self._presented(scope):
@@ -189,7 +193,7 @@ class ApiKeyAuth:
         await send_error(send, 401, "unauthorized", self.UNAUTHORIZED_DETAIL, headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.enabled or self._is_open(scope) or self._authorized(scope):
+        if scope["type"] != "http" or not self.enabled or self._is_open(scope) or self.authorized(scope):
             await self.app(scope, receive, send)
             return
         await self._refuse(scope, send)

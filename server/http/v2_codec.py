@@ -18,7 +18,6 @@ import base64
 import binascii
 import json
 import math
-import struct
 import zlib
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -27,13 +26,9 @@ import numpy as np
 from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from exitserve.server.http.errors import RequestProblem
+from exitserve.server.oip import NUMPY_TYPES, join_length_prefixed, split_length_prefixed
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-LENGTH_PREFIX = struct.Struct("<I")
-NUMPY_TYPES: dict[str, str] = {
-    "BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
-    "INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8",
-}
 ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}  # deflate: zlib-wrapped, as HTTP means it
 
 # the protocol's $parameter: a bool, a number or a string
@@ -197,19 +192,10 @@ def _json_numbers(tensor: RequestInput, dtype: np.dtype) -> np.ndarray:
 
 
 def _length_prefixed(name: str, blob: bytes) -> list[bytes]:
-    elements = []
-    offset = 0
-    view = memoryview(blob)
-    while offset < len(blob):
-        if offset + LENGTH_PREFIX.size > len(blob):
-            raise bad(f"input {name!r}: binary BYTES data ends inside the length of element {len(elements)}")
-        (size,) = LENGTH_PREFIX.unpack_from(blob, offset)
-        offset += LENGTH_PREFIX.size
-        if offset + size > len(blob):
-            raise bad(f"input {name!r}: element {len(elements)} claims {size} bytes, past the end of its data")
-        elements.append(bytes(view[offset:offset + size]))
-        offset += size
-    return elements
+    try:
+        return split_length_prefixed(blob)
+    except ValueError as exc:
+        raise bad(f"input {name!r}: binary BYTES data: {exc}") from None
 
 
 def _base64_elements(tensor: RequestInput) -> list[bytes]:
@@ -262,5 +248,5 @@ def encode_response(header: dict[str, Any], outputs: list[OutputTensor]) -> tupl
 
 def _raw(output: OutputTensor) -> bytes:
     if output.datatype == "BYTES":
-        return b"".join(LENGTH_PREFIX.pack(len(e)) + e for e in output.array.ravel())
+        return join_length_prefixed(list(output.array.ravel()))
     return np.ascontiguousarray(output.array, dtype=NUMPY_TYPES[output.datatype]).tobytes()

@@ -44,9 +44,11 @@ def resource(kind: str) -> dict:
 
 
 def runtime_image() -> dict[str, object]:
-    """The Dockerfile's runtime stage: its EXPOSEd port, CMD argv and USER id."""
+    """The Dockerfile's runtime stage: its EXPOSEd ports (HTTP first, then gRPC), CMD argv and
+    USER id."""
     runtime = dict((k, a) for k, a in stages(DOCKERFILE.read_text())["runtime"])
-    return {"port": int(runtime["EXPOSE"]), "cmd": yaml.safe_load(runtime["CMD"]),
+    http, grpc = (int(p) for p in runtime["EXPOSE"].split())
+    return {"port": http, "grpc_port": grpc, "cmd": yaml.safe_load(runtime["CMD"]),
             "uid": int(runtime["USER"].split(":")[0])}
 
 
@@ -109,8 +111,11 @@ def test_the_deployment_runs_the_image_as_the_dockerfile_builds_it() -> None:
     cmd = image["cmd"]
     assert cmd[:2] == ["exitserve", "serve"]
     served = build_parser().parse_args(cmd[1:])
-    [port] = container["ports"]
-    assert port["containerPort"] == image["port"] == served.port
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["http"] == image["port"] == served.port
+    # gRPC: the port the server is told to serve it on (EXITSERVE_GRPC_PORT), and no other
+    assert set(ports) == {"http", "grpc"}
+    assert ports["grpc"] == image["grpc_port"] == settings_from(container["env"]).grpc_port
     assert pod["spec"]["securityContext"]["runAsUser"] == image["uid"]
     annotations = pod["metadata"]["annotations"]
     assert int(annotations["prometheus.io/port"]) == image["port"] and annotations["prometheus.io/path"] == "/metrics"
@@ -145,8 +150,11 @@ def test_service_pdb_and_hpa_select_the_deployment() -> None:
     service = resource("Service")
     assert service["spec"]["selector"].items() <= labels.items()
     [container] = deployment["spec"]["template"]["spec"]["containers"]
-    [port] = service["spec"]["ports"]
-    assert port["targetPort"] in {p["name"] for p in container["ports"]}
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert set(ports) == {p["name"] for p in container["ports"]} == {"http", "grpc"}
+    for name, port in ports.items():
+        assert port["targetPort"] == name
+    assert ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"  # gRPC is HTTP/2 without TLS: meshes must know
     pdb = resource("PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
     hpa = resource("HorizontalPodAutoscaler")
@@ -200,7 +208,7 @@ def test_the_kserve_runtime_serves_the_image_with_the_protocol_the_service_asks_
     assert argv[:2] == runtime_image()["cmd"][:2]
     served = build_parser().parse_args(argv[1:])
     assert served.model_repository == "/mnt/models"  # where KServe's storage initializer puts storageUri
-    [port] = container["ports"]
+    [port] = container["ports"]  # KServe routes one port: an InferenceService for grpc-v2 names the gRPC one
     assert port["containerPort"] == served.port == runtime_image()["port"]
     assert int(runtime["spec"]["annotations"]["prometheus.kserve.io/port"]) == served.port
     routes = app_routes()
@@ -209,6 +217,9 @@ def test_the_kserve_runtime_serves_the_image_with_the_protocol_the_service_asks_
         assert probe["path"] in routes and probe["port"] == served.port
     settings = settings_from(container["env"])
     assert settings.intra_op_threads == default_intra_op_threads(1, cores=int(cpus(container["resources"]["requests"]["cpu"])))
+    # grpc-v2 is declared exactly when the container serves gRPC, on a port of its own
+    assert ("grpc-v2" in runtime["spec"]["protocolVersions"]) == (settings.grpc_port is not None)
+    assert settings.grpc_port not in (None, served.port)
     needed = settings.drain_grace_s + settings.shutdown_timeout_s
     assert service["spec"]["predictor"]["terminationGracePeriodSeconds"] > needed
 
