@@ -190,11 +190,11 @@ class AdmissionLine:
     def _wake(self) -> None:
         """Let the newest waiters in while there is room. A waiter whose wait already makes
         it too late for the objective stays for its own timer: everyone under it is
-        older still."""
+        older still. Released, the line lets everyone in."""
         stale_before = self.clock() - self.STALE * self.objective_ms / 1000
         while self.line and self._has_room():
             waiter = self.line[-1]
-            if waiter.since < stale_before:
+            if self.engaged and waiter.since < stale_before:
                 return
             self.line.pop()
             if waiter.future.done():

@@ -82,6 +82,12 @@ def test_a_waiter_too_old_for_the_objective_is_refused_by_its_timer_not_let_in()
         with pytest.raises(Overloaded, match="waited 50 ms"):
             await stale
         assert refused == ["m"] and line.refused_waiting == 1 and line.state().waiting == 0
+        # released (the budget left its floor), the line lets even a stale waiter in
+        stale = asyncio.ensure_future(line.enter())
+        await settle()
+        clock.advance_ms(AdmissionLine.STALE * OBJECTIVE + 1)
+        line.release()
+        await stale
 
     asyncio.run(scenario())
 
