@@ -24,7 +24,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.request_latency = Histogram(
-            "exitserve_request_latency_seconds", "Wall time of a request, from arrival to response.",
+            "exitserve_request_latency_seconds", "Wall time of a request, from arrival to response (routes "
+            "/classify, /classify/batch, /v2/models/{name}/infer, grpc:ModelInfer).",
             ["route", "model"], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.refusal_latency = Histogram(
@@ -61,8 +62,8 @@ class Metrics:
             ["model"], registry=r, multiprocess_mode="liveall",  # each worker has its own controller: a pid label
         )
         self.inference_failures = Counter(
-            "exitserve_inference_failures_total", "Engine runs that failed (their requests got 500).", ["model"],
-            registry=r,
+            "exitserve_inference_failures_total", "Engine runs that failed (their requests got 500 "
+            "inference_failed).", ["model"], registry=r,
         )
         self.request_phase = Histogram(
             "exitserve_request_phase_seconds", "Time of one phase of a request (EXITSERVE_PHASE_METRICS; "
@@ -74,8 +75,8 @@ class Metrics:
             ["model"], registry=r, multiprocess_mode="livemax",
         )
         self.slo_requests = Counter(
-            "exitserve_slo_requests_total", "/classify answers within the latency objective or not (server-side "
-            "latency).", ["model", "outcome"], registry=r,
+            "exitserve_slo_requests_total", "/classify answers within the latency objective (outcome within) or not "
+            "(missed), by server-side latency.", ["model", "outcome"], registry=r,
         )
         self.slo_shed = Counter(
             "exitserve_slo_shed_total", "Requests refused by the admission line at the floor budget: waited "
