@@ -4,11 +4,9 @@ came from, and the README's examples name files that exist."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import re
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from PIL import Image
 from exitserve.models.data import ImageDataset, load_splits
 from exitserve.repository.format import InputSpec
 from exitserve.server.preprocess import decode_image
+from tests.support.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = InputSpec(channels=1, size=28, mean=[0.5], std=[0.5])  # the committed models' input
@@ -24,14 +23,7 @@ MAX_PIXELS = 40_000_000
 PHOTO_MEAN_ERROR = 8.0  # a JPEG photo, fitted back to 28x28, differs from its item by about 3 grey levels
 
 
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_example_images", ROOT / "scripts" / "make_example_images.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-script = _load_script()
+script = load_script("make_example_images")
 
 
 @pytest.fixture(scope="module")

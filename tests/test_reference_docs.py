@@ -4,9 +4,7 @@ against the code it documents (every variable read as documented, every metric w
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 from prometheus_client import generate_latest
@@ -15,18 +13,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exitserve.server.metrics import Metrics
 from exitserve.server.settings import Settings
+from tests.support.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("generate_reference", ROOT / "scripts" / "generate_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-generator = _load_generator()
+generator = load_script("generate_reference")
 
 
 def table_rows(page: Path) -> list[list[str]]:
