@@ -183,7 +183,8 @@ def test_a_deadline_between_stage_boundaries_stops_at_the_last_stage_that_fits(s
       far plus that stage's prediction is past the deadline): the last stage that fits;
     * the request took at most the deadline plus one stage (two tries in three: a stall
       on a busy machine may break one);
-    * it stopped within one stage of the gap the deadline was put in.
+    * it stopped within one stage of the gap the deadline was put in, unless a stage it ran
+      stalled (over twice its prediction), which rightly stops it earlier.
 
     The predictor learns from noise (a stalled run makes the next predictions longer), so
     the stage a request stops at is checked against the times it really had, not against
@@ -221,7 +222,11 @@ def test_a_deadline_between_stage_boundaries_stops_at_the_last_stage_that_fits(s
                     assert sum(stage_ms[:last]) + predicted[last] <= deadline + slack, (gap, last, stage_ms, predicted)
                 if last < len(stages) - 1:  # and skipped the next only if that would not have
                     assert took_ms + predicted[last + 1] > deadline - slack, (gap, last, took_ms, predicted)
-                assert gap - 1 <= last <= gap + 1, (gap, last, deadline, stage_ms, predicted)
+                # where it stopped follows from the times it really had: a stage that stalled (more
+                # than twice its prediction) rightly moves the stop earlier, so the gap is checked
+                # only when none did (the two checks above hold either way)
+                stalled = any(ms > 2 * p for ms, p in zip(stage_ms[:last + 1], predicted[:last + 1]))
+                assert stalled or gap - 1 <= last <= gap + 1, (gap, last, deadline, stage_ms, predicted)
                 within_time += took_ms <= deadline + predicted.max()
             assert within_time >= 2, f"over the deadline plus one stage in {3 - within_time} tries of 3"
         # past the last stage's predicted end: nothing is cut
